@@ -1,0 +1,319 @@
+"""KV-aware worker selection: prefix overlap from the :class:`KvIndexer` traded against load.
+
+Cost model (the shape of Dynamo's KV router, ``docs/design-docs/router-design.md``), per
+candidate worker ``w``, in blocks::
+
+    prefill_blocks(w) = prompt_blocks - overlap_blocks(w)      # blocks w must compute
+    decode_blocks(w)  = blocks w holds for running requests     # see WorkerLoad.decode_blocks
+    logit(w)          = overlap_score_weight * prefill_blocks(w) + decode_blocks(w)
+
+Lower is better. Temperature 0 picks the minimum (ties broken at random, so equal workers share
+the traffic); temperature ``T > 0`` samples from ``softmax(-normalised_logit / T)`` where logits
+are first scaled to ``[0, 1]`` by their min and max, as Dynamo does, so ``T`` means the same for
+any prompt length or load scale. Dynamo also adds the request's own blocks to every worker's
+decode term; that shifts every logit by the same amount, which changes neither the argmin nor
+the normalised softmax, so it is left out.
+
+``overlap_score_weight = 0`` ignores the cache (pure least-loaded); larger values favour prefix
+reuse (better TTFT) over spreading decode load (better ITL). With no KV events at all every
+overlap is zero and the rule reduces to least-loaded.
+
+Not thread-safe: use it from one thread (the event loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..kv.hashing import XXH3_SEED, block_hashes
+from ..protocols.kv import LoadSnapshot, RouterEvent
+from .indexer import KvIndexer, WorkerKey
+
+__all__ = [
+    "KvRouter",
+    "KvRouterConfig",
+    "NoWorkersAvailable",
+    "RouteDecision",
+    "WorkerLoad",
+    "prompt_hashes",
+]
+
+_tickets = itertools.count(1)
+
+
+class NoWorkersAvailable(LookupError):
+    """``select`` had no candidate worker to choose from."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RouteDecision:
+    """Where a request goes and why.
+
+    ``overlap_blocks`` is the chosen worker's cached prefix of the prompt and ``prompt_blocks``
+    the prompt's full blocks (so ``overlap_blocks / prompt_blocks`` is the predicted hit rate).
+    ``logits`` holds each candidate's cost (empty for policies that do not score). ``ticket``
+    identifies the decision for :meth:`KvRouter.request_started` / ``request_finished``.
+    Decisions compare and hash by identity, so they can key a caller's own tables.
+    """
+
+    worker: WorkerKey
+    overlap_blocks: int = 0
+    prompt_blocks: int = 0
+    logits: dict[WorkerKey, float] = field(default_factory=dict)
+    request_blocks: int = 0
+    """Blocks the request occupies on its worker once admitted (prompt, partial block included)."""
+    ticket: int = field(default_factory=lambda: next(_tickets))
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """What the router knows about one worker's load.
+
+    ``active_blocks`` / ``total_blocks`` / ``num_running`` / ``num_waiting`` come from the
+    worker's latest :class:`LoadSnapshot` (``kv_used_blocks`` etc.). ``inflight_*`` count the
+    requests this router sent there that have not finished; ``pending_blocks`` is the part of
+    ``inflight_blocks`` routed after the latest snapshot, which that snapshot cannot reflect yet.
+    """
+
+    active_blocks: int = 0
+    total_blocks: int = 0
+    num_running: int | None = None
+    num_waiting: int | None = None
+    inflight_requests: int = 0
+    inflight_blocks: int = 0
+    pending_blocks: int = 0
+    snapshot_seq: int = 0
+    """Number of snapshots received (0 = none yet)."""
+
+    @property
+    def decode_blocks(self) -> int:
+        """Predicted blocks in use: the snapshot plus what was routed here since it, but never
+        less than what this router alone has in flight there.
+
+        Adding every in-flight block to the snapshot would count running requests twice (the
+        snapshot already includes them); using the snapshot alone would send a burst of requests
+        to the same worker until its next snapshot.
+        """
+        return max(self.active_blocks + self.pending_blocks, self.inflight_blocks)
+
+    @property
+    def usage(self) -> float | None:
+        """``decode_blocks / total_blocks``, or ``None`` when the capacity is unknown."""
+        return self.decode_blocks / self.total_blocks if self.total_blocks > 0 else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvRouterConfig:
+    """Tuning of :class:`KvRouter` (names follow Dynamo's ``--router-*`` flags).
+
+    ``block_size`` must equal the workers' KV block size, or no prompt hash will ever match.
+    ``busy_threshold`` (a fraction of ``total_blocks``, like Dynamo's
+    ``--active-decode-blocks-threshold``) excludes workers above it, unless every candidate is.
+    """
+
+    block_size: int
+    overlap_score_weight: float = 1.0
+    temperature: float = 0.0
+    busy_threshold: float | None = None
+    hash_seed: int = XXH3_SEED
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.overlap_score_weight < 0:
+            raise ValueError("overlap_score_weight must be >= 0")
+        if not self.temperature >= 0:
+            raise ValueError("temperature must be >= 0")
+        if self.busy_threshold is not None and not self.busy_threshold > 0:
+            raise ValueError("busy_threshold must be > 0")
+
+
+class KvRouter:
+    """Chooses a worker for a prompt from KV overlap and load (see the module docstring).
+
+    Workers are candidates once :meth:`add_worker` ed (discovery is the authority on who exists);
+    ``select(..., candidates=...)`` may instead name them per call. Load snapshots and KV events
+    of workers not (yet) added are kept, since the event plane may run ahead of discovery.
+    """
+
+    name = "kv"
+
+    def __init__(
+        self,
+        indexer: KvIndexer,
+        config: KvRouterConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.indexer = indexer
+        self.config = config
+        self._rng = rng if rng is not None else random.Random()
+        self._workers: dict[WorkerKey, None] = {}  # ordered set
+        self._loads: dict[WorkerKey, WorkerLoad] = {}
+        # ticket -> (worker, request blocks, snapshot_seq of the worker when routed)
+        self._inflight: dict[int, tuple[WorkerKey, int, int]] = {}
+
+    # -- membership and signals ----------------------------------------------------------------
+    @property
+    def workers(self) -> list[WorkerKey]:
+        """Workers added and not removed, in the order added."""
+        return list(self._workers)
+
+    def add_worker(self, key: WorkerKey) -> None:
+        """Make ``key`` a default candidate (idempotent)."""
+        self._workers[key] = None
+
+    def remove_worker(self, key: WorkerKey) -> None:
+        """``key`` left: forget its load, its in-flight requests and its indexed blocks."""
+        self._workers.pop(key, None)
+        self._loads.pop(key, None)
+        self.indexer.remove_worker(key[0], key[1])
+        for ticket in [t for t, (w, _, _) in self._inflight.items() if w == key]:
+            del self._inflight[ticket]
+
+    def update_load(self, snapshot: LoadSnapshot) -> None:
+        """Take a worker's load snapshot; it supersedes what was routed there before it."""
+        load = self._load((snapshot.worker_id, snapshot.dp_rank))
+        load.active_blocks = snapshot.kv_used_blocks
+        load.total_blocks = snapshot.kv_total_blocks
+        load.num_running = snapshot.num_requests_running
+        load.num_waiting = snapshot.num_requests_waiting
+        load.snapshot_seq += 1
+        load.pending_blocks = 0
+
+    def apply_event(self, event: RouterEvent) -> None:
+        """Feed one KV event to the indexer."""
+        self.indexer.apply(event)
+
+    def load(self, key: WorkerKey) -> WorkerLoad:
+        """A copy of what the router knows about ``key``'s load (zeros when nothing)."""
+        load = self._loads.get(key)
+        if load is None:
+            return WorkerLoad()
+        return WorkerLoad(
+            load.active_blocks,
+            load.total_blocks,
+            load.num_running,
+            load.num_waiting,
+            load.inflight_requests,
+            load.inflight_blocks,
+            load.pending_blocks,
+            load.snapshot_seq,
+        )
+
+    def _load(self, key: WorkerKey) -> WorkerLoad:
+        load = self._loads.get(key)
+        if load is None:
+            load = self._loads[key] = WorkerLoad()
+        return load
+
+    # -- the decision --------------------------------------------------------------------------
+    def select(
+        self,
+        token_ids: Sequence[int],
+        candidates: Sequence[WorkerKey] | None = None,
+        *,
+        block_hashes: Sequence[int] | None = None,
+    ) -> RouteDecision:
+        """Choose a worker for a prompt of ``token_ids``.
+
+        ``candidates`` defaults to the added workers; duplicates are ignored. ``block_hashes``
+        may pass the prompt's chained hashes when the caller already has them (they must be
+        ``kv.hashing.block_hashes(token_ids, block_size, hash_seed)``). Raises
+        :class:`NoWorkersAvailable` when there is no candidate. Does not record the request:
+        call :meth:`request_started` once it is actually sent.
+        """
+        cands = list(dict.fromkeys(candidates)) if candidates is not None else list(self._workers)
+        if not cands:
+            raise NoWorkersAvailable("no worker to route to")
+        cfg = self.config
+        hashes = block_hashes if block_hashes is not None else prompt_hashes(cfg, token_ids)
+        prompt_blocks = len(hashes)
+        request_blocks = -(-len(token_ids) // cfg.block_size)
+        overlaps = self.indexer.find_matches(hashes)
+
+        loads = self._loads
+        empty = WorkerLoad()
+        if cfg.busy_threshold is not None:
+            limit = cfg.busy_threshold
+            free = [k for k in cands if not _busy(loads.get(k, empty), limit)]
+            if free:
+                cands = free
+        weight = cfg.overlap_score_weight
+        logits: dict[WorkerKey, float] = {}
+        for k in cands:
+            prefill = prompt_blocks - overlaps.get(k, 0)
+            logits[k] = weight * prefill + loads.get(k, empty).decode_blocks
+
+        worker = self._choose(cands, logits)
+        return RouteDecision(
+            worker=worker,
+            overlap_blocks=overlaps.get(worker, 0),
+            prompt_blocks=prompt_blocks,
+            logits=logits,
+            request_blocks=request_blocks,
+        )
+
+    def _choose(self, cands: list[WorkerKey], logits: dict[WorkerKey, float]) -> WorkerKey:
+        if len(cands) == 1:
+            return cands[0]
+        values = [logits[k] for k in cands]
+        lo, hi = min(values), max(values)
+        temperature = self.config.temperature
+        if temperature == 0.0:
+            # Tolerance, since float weights make equal costs differ in the last bits.
+            eps = 1e-9 * max(1.0, abs(lo))
+            ties = [k for k, v in zip(cands, values, strict=True) if v <= lo + eps]
+            return ties[0] if len(ties) == 1 else self._rng.choice(ties)
+        if hi == lo:
+            return self._rng.choice(cands)
+        scale = 1.0 / ((hi - lo) * temperature)
+        weights = [math.exp(-(v - lo) * scale) for v in values]  # the best one has weight 1
+        return self._rng.choices(cands, weights)[0]
+
+    # -- router-side load tracking -------------------------------------------------------------
+    def request_started(self, decision: RouteDecision) -> None:
+        """The request of ``decision`` was sent to ``decision.worker`` (idempotent)."""
+        if decision.ticket in self._inflight:
+            return
+        load = self._load(decision.worker)
+        blocks = decision.request_blocks
+        self._inflight[decision.ticket] = (decision.worker, blocks, load.snapshot_seq)
+        load.inflight_requests += 1
+        load.inflight_blocks += blocks
+        load.pending_blocks += blocks
+
+    def request_finished(self, decision: RouteDecision) -> None:
+        """The request of ``decision`` ended, however (idempotent; unknown tickets ignored)."""
+        entry = self._inflight.pop(decision.ticket, None)
+        if entry is None:
+            return
+        key, blocks, seq = entry
+        load = self._loads.get(key)
+        if load is None:
+            return
+        load.inflight_requests -= 1
+        load.inflight_blocks -= blocks
+        if seq == load.snapshot_seq:  # routed after the latest snapshot: still pending there
+            load.pending_blocks -= blocks
+
+    def route(
+        self, token_ids: Sequence[int], candidates: Sequence[WorkerKey] | None = None
+    ) -> RouteDecision:
+        """``select`` then ``request_started``: for callers that send at once."""
+        decision = self.select(token_ids, candidates)
+        self.request_started(decision)
+        return decision
+
+
+def _busy(load: WorkerLoad, limit: float) -> bool:
+    usage = load.usage
+    return usage is not None and usage > limit
+
+
+def prompt_hashes(config: KvRouterConfig, token_ids: Sequence[int]) -> list[int]:
+    """The chained block hashes ``select`` computes for ``token_ids`` under ``config``."""
+    return block_hashes(token_ids, config.block_size, config.hash_seed)
