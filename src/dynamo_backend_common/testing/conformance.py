@@ -46,6 +46,11 @@ Checks, in run order (check name: failure kinds):
 ``cleanup_without_start``
     ``cleanup()`` on a fresh, never-started engine succeeds: ``CleanupWithoutStartFailed``.
 
+Any check that streams can also report the stream-level kinds (``NoTerminalChunk``,
+``ChunkAfterTerminal``, ``HangAfterTerminal``, ``InvalidChunk``, ``StreamCloseHung`` when
+``aclose()`` hangs, ``GenerateNotAsyncIterator``); a check that crashes in an unforeseen way
+reports ``Unexpected``.
+
 One engine from ``factory`` serves ``start_config`` through ``cleanup_twice`` (as a worker uses
 one engine for its life; real engines may take minutes to start); ``cleanup_without_start`` uses a
 second one. When ``start`` raises, the checks that need a started engine are reported as
