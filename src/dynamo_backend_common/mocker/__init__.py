@@ -1,0 +1,38 @@
+"""The mocker: a simulated vLLM-like engine (paged KV cache with prefix caching, continuous
+batching, KV events, load snapshots, cost-model timing), usable as a reference engine and as a
+stand-in for a GPU in tests and router benchmarks.
+
+``dynamo-backend worker --engine mocker -- --help`` lists its flags; in code::
+
+    from dynamo_backend_common.mocker import MockerEngine
+    engine = MockerEngine(num_gpu_blocks=1024, speedup_ratio=10.0)
+"""
+
+from .args import MockerArgs
+from .engine import MockerEngine
+from .kv_manager import KvManager, KvStats
+from .scheduler import (
+    CostModel,
+    Scheduler,
+    SchedulerConfig,
+    SeqState,
+    Sequence,
+    StepPlan,
+    StepStats,
+    StopRules,
+)
+
+__all__ = [
+    "CostModel",
+    "KvManager",
+    "KvStats",
+    "MockerArgs",
+    "MockerEngine",
+    "Scheduler",
+    "SchedulerConfig",
+    "SeqState",
+    "Sequence",
+    "StepPlan",
+    "StepStats",
+    "StopRules",
+]

@@ -1,0 +1,193 @@
+"""Mocker engine settings: :class:`MockerArgs`, built in code or from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from ..errors import DynamoError
+from .scheduler import CostModel, SchedulerConfig
+
+__all__ = ["MockerArgs"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockerArgs:
+    """Every knob of :class:`~dynamo_backend_common.mocker.MockerEngine`.
+
+    Invalid values raise ``DynamoError(InvalidArgument)`` at construction.
+    """
+
+    #: Advertised model name (``EngineConfig.model``).
+    model_name: str = "mocker-model"
+    #: Public name; defaults to ``model_name``.
+    served_model_name: str | None = None
+    #: KV blocks per data-parallel rank.
+    num_gpu_blocks: int = 16384
+    #: Tokens per KV block.
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    #: Simulated time runs this many times faster than wall time; 0 or inf: no waiting at all.
+    speedup_ratio: float = 1.0
+    #: Independent data-parallel ranks (one KV cache and scheduler each).
+    dp_size: int = 1
+    #: ``max_tokens`` of a request that sets none.
+    max_tokens: int = 64
+    #: Sampled token ids are in ``[0, vocab_size)``.
+    vocab_size: int = 32000
+    #: Longest sequence (prompt + output); also capped by the KV capacity of one rank.
+    context_length: int = 8192
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    #: Per-token probability of an EOS stop (requests with ``eos_token_ids`` and no ignore_eos).
+    eos_rate: float = 0.0
+    #: Seed of requests without ``sampling_options.seed`` (mixed with the request id).
+    seed: int = 0
+    #: Minimum wall interval between two load snapshots of one rank (0: after every change).
+    snapshot_interval_ms: float = 50.0
+    #: Check the KV accounting after every scheduler operation (slow; tests).
+    check_invariants: bool = False
+    prefill_base_ms: float = CostModel.prefill_base_ms
+    prefill_ms_per_token: float = CostModel.prefill_ms_per_token
+    prefill_ms_per_token_sq: float = CostModel.prefill_ms_per_token_sq
+    decode_base_ms: float = CostModel.decode_base_ms
+    decode_ms_per_seq: float = CostModel.decode_ms_per_seq
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for name in (
+            "num_gpu_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "dp_size",
+            "vocab_size",
+            "context_length",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.max_tokens < 0:
+            problems.append("max_tokens must be >= 0")
+        if not self.model_name.strip():
+            problems.append("model_name must not be empty")
+        if math.isnan(self.speedup_ratio) or self.speedup_ratio < 0:
+            problems.append("speedup_ratio must be >= 0 (0 or inf: as fast as possible)")
+        if not 0.0 <= self.eos_rate <= 1.0:
+            problems.append("eos_rate must be in [0, 1]")
+        if self.snapshot_interval_ms < 0:
+            problems.append("snapshot_interval_ms must be >= 0")
+        for name in (
+            "prefill_base_ms",
+            "prefill_ms_per_token",
+            "prefill_ms_per_token_sq",
+            "decode_base_ms",
+            "decode_ms_per_seq",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                problems.append(f"{name} must be finite and >= 0")
+        if problems:
+            raise DynamoError.invalid_argument("invalid mocker args: " + "; ".join(problems))
+
+    @property
+    def as_fast_as_possible(self) -> bool:
+        """True when steps do not wait (``speedup_ratio`` 0 or inf)."""
+        return self.speedup_ratio == 0 or math.isinf(self.speedup_ratio)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence a rank can hold: the context length, capped by the KV capacity."""
+        return min(self.context_length, self.num_gpu_blocks * self.block_size)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(
+            prefill_base_ms=self.prefill_base_ms,
+            prefill_ms_per_token=self.prefill_ms_per_token,
+            prefill_ms_per_token_sq=self.prefill_ms_per_token_sq,
+            decode_base_ms=self.decode_base_ms,
+            decode_ms_per_seq=self.decode_ms_per_seq,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            chunked_prefill=self.enable_chunked_prefill,
+            cost=self.cost_model(),
+        )
+
+    @staticmethod
+    def build_parser(prog: str = "mocker") -> argparse.ArgumentParser:
+        """The argparse parser behind :meth:`from_args` (``--help`` explains every flag)."""
+        d = MockerArgs()
+        p = argparse.ArgumentParser(
+            prog=prog,
+            description="Simulated vLLM-like engine: paged KV cache with prefix caching, "
+            "continuous batching, KV events and load snapshots, timing from a cost model. "
+            "Step time (ms) = [prefill-base + prefill-ms-per-token*P + prefill-ms-per-token-sq"
+            "*A if P>0] + [decode-base + decode-ms-per-seq*D if D>0], with P prompt tokens "
+            "computed, A their attention work (P^2 for one fresh prompt), D decoding sequences.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add = p.add_argument
+        add("--model-name", default=d.model_name, help="advertised model name")
+        add("--served-model-name", default=None,
+            help="public model name (default: --model-name)")
+        add("--num-gpu-blocks", type=int, default=d.num_gpu_blocks,
+            help="KV cache blocks per data-parallel rank")
+        add("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+        add("--max-num-seqs", type=int, default=d.max_num_seqs,
+            help="most sequences running at once per rank")
+        add("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+            help="token budget of one forward pass")
+        add("--speedup-ratio", type=float, default=d.speedup_ratio,
+            help="simulated time runs this many times faster than wall time; 0 or inf: no "
+            "waiting at all")
+        add("--dp-size", type=int, default=d.dp_size,
+            help="data-parallel ranks, each with its own KV cache and scheduler")
+        add("--max-tokens", type=int, default=d.max_tokens,
+            help="output length of a request that sets no max_tokens")
+        add("--vocab-size", type=int, default=d.vocab_size,
+            help="sampled token ids are in [0, vocab-size)")
+        add("--context-length", type=int, default=d.context_length,
+            help="longest prompt + output (also capped by num-gpu-blocks * block-size)")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+            default=d.enable_prefix_caching, help="reuse cached prefix blocks (and publish "
+            "KV events)")
+        add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+            default=d.enable_chunked_prefill,
+            help="split prompts longer than the token budget over several steps")
+        add("--eos-rate", type=float, default=d.eos_rate,
+            help="per-token probability of an EOS stop for requests with eos_token_ids and "
+            "without ignore_eos")
+        add("--seed", type=int, default=d.seed,
+            help="base seed of requests without sampling_options.seed")
+        add("--snapshot-interval-ms", type=float, default=d.snapshot_interval_ms,
+            help="minimum wall interval between load snapshots of one rank (0: every change)")
+        add("--check-invariants", action="store_true",
+            help="verify the KV accounting after every scheduler operation (slow)")
+        add("--prefill-base-ms", type=float, default=d.prefill_base_ms,
+            help="fixed cost of a step that prefills")
+        add("--prefill-ms-per-token", type=float, default=d.prefill_ms_per_token,
+            help="cost per prompt token computed")
+        add("--prefill-ms-per-token-sq", type=float, default=d.prefill_ms_per_token_sq,
+            help="cost per unit of attention work (quadratic in prompt length)")
+        add("--decode-base-ms", type=float, default=d.decode_base_ms,
+            help="fixed cost of a step that decodes")
+        add("--decode-ms-per-seq", type=float, default=d.decode_ms_per_seq,
+            help="cost per decoding sequence")
+        return p
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, prog: str = "mocker") -> MockerArgs:
+        """Parse ``argv`` (default ``sys.argv[1:]``); bad values exit through argparse."""
+        parser = cls.build_parser(prog)
+        ns = parser.parse_args(argv)
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in vars(ns).items() if k in names})
+        except DynamoError as exc:
+            parser.error(exc.message)
