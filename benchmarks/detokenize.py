@@ -1,0 +1,94 @@
+"""Incremental detokenization cost: the prefix/read-offset window vs re-decoding everything.
+
+Run: ``.venv/bin/python benchmarks/detokenize.py [--tokens 1000] [--repeat 5]``
+
+Feeds ``--tokens`` token ids (a multilingual text with accented Latin, CJK and emoji, encoded
+with the packaged tiny byte-level BPE) one at a time and prints, best of ``--repeat`` runs, the
+microseconds per token of:
+
+- ``IncrementalDetokenizer.add`` (decodes a window of a few tokens per step: O(1) per token);
+- the naive method: decode the whole sequence so far at every step and emit the new suffix
+  (O(n) per token, O(n^2) per stream);
+- the full ``StreamPostprocessor`` path (detokenizer + a stop-string matcher with two stops);
+
+and checks that all of them produce the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+from tokenizers import Tokenizer
+
+from dynamo_backend_common.fixtures import tiny_model_dir
+from dynamo_backend_common.frontend.model_dir import ModelDir
+from dynamo_backend_common.frontend.postprocess import IncrementalDetokenizer, StreamPostprocessor
+from dynamo_backend_common.protocols.common import LLMEngineOutput
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. héllo wörld, ça va? Schöne Grüße! "
+    "你好，世界！今天天气很好。 こんにちは 🎉🚀😀 The model streams tokens to the frontend. "  # noqa: RUF001
+)
+
+
+def incremental(tok: Tokenizer, ids: list[int]) -> str:
+    d = IncrementalDetokenizer(tok)
+    out = [d.add((i,)) for i in ids]
+    return "".join(out) + d.flush()
+
+
+def naive(tok: Tokenizer, ids: list[int]) -> str:
+    emitted = ""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n])
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            emitted = text  # the new suffix text[len(emitted):] would be sent
+    final = tok.decode(ids)
+    return emitted + final[len(emitted):]  # the flush at the end of the stream
+
+
+def postprocessor(tok: Tokenizer, ids: list[int]) -> str:
+    pp = StreamPostprocessor(tok, prompt_tokens=1, stop=["<never>", "STOP HERE"])
+    out = [pp.process(LLMEngineOutput(token_ids=[i])).text for i in ids]
+    out.append(pp.process(LLMEngineOutput.length()).text)
+    return "".join(out)
+
+
+def best_us_per_token(fn: Callable[[], str], n_tokens: int, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) / n_tokens * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    tok = ModelDir.load(tiny_model_dir()).tokenizer
+    ids: list[int] = []
+    while len(ids) < args.tokens:
+        ids.extend(tok.encode(TEXT, add_special_tokens=False).ids)
+    ids = ids[: args.tokens]
+    expected = tok.decode(ids)
+    assert incremental(tok, ids) == expected
+    assert naive(tok, ids) == expected
+    assert postprocessor(tok, ids) == expected
+
+    inc = best_us_per_token(lambda: incremental(tok, ids), len(ids), args.repeat)
+    nai = best_us_per_token(lambda: naive(tok, ids), len(ids), args.repeat)
+    ppr = best_us_per_token(lambda: postprocessor(tok, ids), len(ids), args.repeat)
+    print(f"tokens per stream: {len(ids)} (tiny byte-level BPE, multilingual text)")
+    print(f"incremental detokenizer   : {inc:8.2f} us/token")
+    print(f"naive full re-decode      : {nai:8.2f} us/token  ({nai / inc:.1f}x slower)")
+    print(f"StreamPostprocessor total : {ppr:8.2f} us/token")
+
+
+if __name__ == "__main__":
+    main()
