@@ -19,6 +19,7 @@ from dynamo_backend_common import (
     StopConditions,
     usage,
 )
+from dynamo_backend_common.echo import EchoEngine
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.protocols import convert
 from dynamo_backend_common.testing import (
@@ -30,7 +31,6 @@ from dynamo_backend_common.testing import (
     mock_context,
     run_conformance,
 )
-from examples.echo_engine import EchoEngine
 from tests import broken_engines as b
 
 # Small bounds keep the deliberately hanging engines fast; conforming engines finish in ms.

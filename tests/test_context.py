@@ -145,3 +145,14 @@ def test_context_made_outside_a_loop_binds_when_first_awaited() -> None:
         return ctx.is_stopped()
 
     assert asyncio.run(main())
+
+
+def test_kill_after_the_loop_closed_still_records_killed() -> None:
+    async def make() -> Context:
+        return Context()
+
+    ctx = asyncio.run(make())  # bound to a loop that is now closed
+    t = threading.Thread(target=ctx.kill)
+    t.start()
+    t.join(5)
+    assert ctx.is_killed() and ctx.is_stopped()

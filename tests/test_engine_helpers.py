@@ -290,3 +290,15 @@ async def test_snapshot_publisher_rejects_undeclared_ranks() -> None:
     # The snapshot is stamped with the rank it was published for.
     assert seen == [ComponentSnapshot(kv_used_blocks=3, kv_total_blocks=10, dp_rank=1)]
     assert seen[0].kv_cache_hit_rate is None  # tri-state: "not measured"
+
+
+async def test_notify_first_token_from_a_thread_wakes_the_loop() -> None:
+    from dynamo_backend_common import Context, GenerateContext
+
+    first = asyncio.Event()
+    gctx = GenerateContext(Context(), first)
+    t = threading.Thread(target=gctx.notify_first_token)
+    t.start()
+    await asyncio.wait_for(first.wait(), 5)
+    t.join(5)
+    assert first.is_set() and gctx.is_decode

@@ -124,10 +124,20 @@ class GenerateContext:
         """Fire the decode-mode first-token signal. Idempotent; a no-op off decode mode.
 
         The framework fires it on the first non-empty chunk; call it only when the first token
-        is observable through a side channel before the stream yields.
+        is observable through a side channel before the stream yields. Safe from any thread.
         """
-        if self._first_token is not None:
-            self._first_token.set()
+        event = self._first_token
+        if event is None or event.is_set():
+            return
+        loop = self._inner._loop
+        if loop is None or not self._inner._on_loop():
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(event.set)
+                except RuntimeError:  # loop closed: nobody is waiting any more
+                    pass
+                return
+        event.set()
 
     def __repr__(self) -> str:
         return f"GenerateContext({self._inner!r})"

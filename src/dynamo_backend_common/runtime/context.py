@@ -83,7 +83,7 @@ class Context:
         if self._killed:
             return
         if not self._on_loop():
-            self._hop(self.kill)
+            self._hop(self.kill, killed=True)
             return
         self._killed = True
         if self._killed_event is not None:
@@ -135,10 +135,12 @@ class Context:
     def _on_loop(self) -> bool:
         return self._thread is None or self._thread == threading.get_ident()
 
-    def _hop(self, fn: Callable[[], None]) -> None:
+    def _hop(self, fn: Callable[[], None], *, killed: bool = False) -> None:
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(fn)
         except RuntimeError:
             # The loop is closed: nobody can observe the signal; record it anyway.
             self._stopped = True
+            if killed:
+                self._killed = True

@@ -1,0 +1,144 @@
+"""Sends preprocessed requests to workers: routing, failover and mid-stream migration.
+
+- Before the first token, a worker that refuses (cannot connect, unknown endpoint, draining) is
+  skipped and another is tried; each worker at most once per request.
+- After tokens have flowed, a broken stream (``Disconnected`` / ``StreamIncomplete``) is moved to
+  another worker up to ``migration_limit`` times: the new request's prompt is the original
+  prompt plus every token already delivered, and ``max_tokens`` shrinks accordingly, so the
+  client sees one unbroken stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import msgspec
+
+from ..errors import BackendError, DynamoError
+from ..protocols.codec import from_msgpack, to_msgpack
+from ..protocols.common import LLMEngineOutput, PreprocessedRequest
+from ..runtime.context import Context
+from ..runtime.transport import RequestPlaneClient
+from .model_manager import ModelEntry, ModelManager, WorkerEntry
+
+log = logging.getLogger("dynamo_backend_common.frontend")
+
+#: Errors meaning "this worker did not take the request": try another one.
+_REFUSED = {BackendError.CannotConnect, BackendError.EngineShutdown,
+            BackendError.ConnectionTimeout}
+#: Errors meaning "the stream broke after it started": migrate.
+_BROKEN = {BackendError.Disconnected, BackendError.StreamIncomplete}
+
+#: ``select(model, entry, token_ids, exclude) -> worker``; raises LookupError when none is left.
+Selector = Callable[[str, ModelEntry, Sequence[int], set[int]], WorkerEntry]
+
+
+class NoWorkersError(DynamoError):
+    def __init__(self, model: str, detail: str = "") -> None:
+        super().__init__(BackendError.CannotConnect,
+                         f"no worker available for model {model!r}" + (f": {detail}" if detail
+                                                                       else ""))
+
+
+class EngineClient:
+    """Streams ``LLMEngineOutput`` for a model from its workers."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        select: Selector,
+        *,
+        transport: RequestPlaneClient | None = None,
+        on_routed: Callable[[str, WorkerEntry, PreprocessedRequest], object] | None = None,
+        on_finished: Callable[[str, WorkerEntry], object] | None = None,
+    ) -> None:
+        self.models = models
+        self.select = select
+        self.transport = transport or RequestPlaneClient()
+        self.on_routed = on_routed
+        self.on_finished = on_finished
+        self.migrations = 0
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def generate(
+        self, model: str, request: PreprocessedRequest, ctx: Context
+    ) -> AsyncIterator[LLMEngineOutput]:
+        entry = self.models.models.get(model)
+        if entry is None:
+            raise NoWorkersError(model)
+        limit = entry.card.migration_limit
+        delivered: list[int] = []
+        tried: set[int] = set()
+        migrations = 0
+        base_max = request.stop_conditions.max_tokens
+        current = request
+        while True:
+            entry = self.models.models.get(model)
+            if entry is None:
+                raise NoWorkersError(model, "all workers left")
+            try:
+                worker = self.select(model, entry, current.token_ids, tried)
+            except LookupError:
+                raise NoWorkersError(model, f"tried {len(tried)} worker(s)") from None
+            tried.add(worker.instance_id)
+            if self.on_routed is not None:
+                self.on_routed(model, worker, current)
+            started = False
+            try:
+                stream = self.transport.stream(
+                    worker.address, worker.endpoint, to_msgpack(current), ctx,
+                    headers={"x-request-id": ctx.id},
+                )
+                try:
+                    async for raw in stream:
+                        out = from_msgpack(raw, LLMEngineOutput)
+                        started = True
+                        delivered.extend(out.token_ids)
+                        yield out
+                        if out.finish_reason is not None:
+                            return
+                finally:
+                    await stream.aclose()
+                # The worker ended the stream without a terminal chunk.
+                raise DynamoError(BackendError.StreamIncomplete,
+                                  "stream ended without a terminal chunk")
+            except DynamoError as exc:
+                if ctx.is_stopped():
+                    raise
+                if not started and not delivered and exc.kind in _REFUSED:
+                    log.info("worker %x refused request %s (%s); trying another",
+                             worker.instance_id, ctx.id, exc.kind.value)
+                    continue
+                if exc.kind in _BROKEN or (exc.kind in _REFUSED and delivered):
+                    if migrations >= limit:
+                        raise DynamoError(exc.kind, f"{exc.message} (migration limit "
+                                          f"{limit} reached)") from exc
+                    migrations += 1
+                    self.migrations += 1
+                    log.warning("request %s: worker %x failed mid-stream (%s); migrating "
+                                "with %d tokens generated (%d/%d)", ctx.id,
+                                worker.instance_id, exc.kind.value, len(delivered),
+                                migrations, limit)
+                    current = _continuation(request, delivered, base_max)
+                    tried = {worker.instance_id}
+                    continue
+                raise
+            finally:
+                if self.on_finished is not None:
+                    self.on_finished(model, worker)
+
+
+def _continuation(
+    request: PreprocessedRequest, delivered: list[int], base_max: int | None
+) -> PreprocessedRequest:
+    stop = request.stop_conditions
+    if base_max is not None:
+        stop = msgspec.structs.replace(stop, max_tokens=max(1, base_max - len(delivered)))
+    if stop.min_tokens is not None:
+        stop = msgspec.structs.replace(stop, min_tokens=max(0, stop.min_tokens - len(delivered)))
+    return msgspec.structs.replace(
+        request, token_ids=[*request.token_ids, *delivered], stop_conditions=stop
+    )

@@ -1,0 +1,170 @@
+"""Per-request glue between the request plane and the engine.
+
+For each request the adapter: admits it (or raises ``WorkerDraining``), decodes the payload,
+builds the :class:`GenerateContext`, arms the cancellation monitor (``engine.abort(ctx)`` exactly
+once when the context is explicitly stopped or killed, never on a plain drop), wraps the stream
+in the contract validator, fires the decode first-token signal on the first non-empty chunk,
+measures TTFT / inter-token latency / token counts, and encodes each chunk for the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING
+
+from ..engine import GenerateContext, LLMEngine
+from ..errors import DynamoError, ProtocolError
+from ..protocols.codec import from_msgpack, to_msgpack
+from ..protocols.common import FinishReason, LLMEngineOutput, PreprocessedRequest
+from ..runtime.context import Context
+from ..validate import validate_stream, validation_enabled
+from .tracker import RequestTracker
+
+if TYPE_CHECKING:
+    from ..runtime.worker_metrics import WorkerMetrics
+
+log = logging.getLogger("dynamo_backend_common.worker")
+
+_CANCELLED = FinishReason.CANCELLED
+
+
+class EngineAdapter:
+    """Drives ``engine.generate`` for one worker. Owns the abort tasks it starts."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        tracker: RequestTracker,
+        metrics: WorkerMetrics | None = None,
+        decode_mode: bool = False,
+        validate: bool | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tracker = tracker
+        self.metrics = metrics
+        self.decode_mode = decode_mode
+        self.validate = validation_enabled() if validate is None else validate
+        self._abort_tasks: set[asyncio.Task[None]] = set()
+
+    # -- transport entry point ------------------------------------------------------------
+    async def handle(
+        self, payload: bytes, ctx: Context, headers: Mapping[str, str]
+    ) -> AsyncIterator[bytes]:
+        """Request-plane handler: msgpack ``PreprocessedRequest`` in, msgpack chunks out."""
+        try:
+            request = from_msgpack(payload, PreprocessedRequest)
+        except ProtocolError as exc:
+            raise DynamoError.invalid_argument(str(exc)) from None
+        encode = to_msgpack
+        async for out in self.generate(request, ctx, headers):
+            yield encode(out)
+
+    async def generate(
+        self,
+        request: PreprocessedRequest,
+        ctx: Context,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[LLMEngineOutput]:
+        """Run one request through the engine with admission, monitoring and accounting."""
+        self.tracker.acquire()  # raises WorkerDraining once shutdown closed admission
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request_started()
+        started = time.perf_counter()
+        first_token = asyncio.Event() if self.decode_mode else None
+        gctx = GenerateContext(ctx, first_token, metadata)
+        ctx.add_stop_callback(self._on_stop)
+
+        status = "error"
+        n_out = 0
+        ttft: float | None = None
+        itl: list[float] = []
+        last = started
+        try:
+            stream = self.engine.generate(request, gctx)
+            if self.validate:
+                stream = validate_stream(stream, gctx, request_id=ctx.id)
+            try:
+                async for out in stream:
+                    n = len(out.token_ids)
+                    if n:
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - started
+                            if first_token is not None:
+                                first_token.set()
+                        else:
+                            itl.append(now - last)
+                        last = now
+                        n_out += n
+                    if out.finish_reason is not None:
+                        status = "cancelled" if out.finish_reason == _CANCELLED else "success"
+                    yield out
+                    if ctx.is_killed():
+                        status = "cancelled"
+                        break
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except GeneratorExit:
+            status = "dropped"
+            raise
+        except asyncio.CancelledError:
+            status = "dropped"
+            raise
+        finally:
+            ctx.remove_stop_callback(self._on_stop)
+            self.tracker.release()
+            duration = time.perf_counter() - started
+            if metrics is not None:
+                metrics.request_finished(
+                    status="cancelled" if status == "dropped" else status,
+                    input_tokens=len(request.token_ids),
+                    output_tokens=n_out,
+                    ttft_s=ttft,
+                    itl_s=itl,
+                    duration_s=duration,
+                )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s %s: input_tokens=%d output_tokens=%d ttft_ms=%s "
+                    "avg_itl_ms=%s duration_ms=%.1f",
+                    ctx.id,
+                    status,
+                    len(request.token_ids),
+                    n_out,
+                    f"{ttft * 1e3:.2f}" if ttft is not None else "-",
+                    f"{sum(itl) / len(itl) * 1e3:.3f}" if itl else "-",
+                    duration * 1e3,
+                )
+
+    # -- cancellation monitor -------------------------------------------------------------
+    def _on_stop(self, ctx: Context) -> None:
+        # Runs once per context, at the first explicit stop/kill while the request is live.
+        task = asyncio.get_running_loop().create_task(
+            self._abort(ctx), name=f"abort-{ctx.id}"
+        )
+        self._abort_tasks.add(task)
+        task.add_done_callback(self._abort_tasks.discard)
+
+    async def _abort(self, ctx: Context) -> None:
+        try:
+            await self.engine.abort(ctx)
+        except Exception:
+            log.exception("engine.abort failed for request %s", ctx.id)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for outstanding abort calls, then cancel what is left."""
+        if not self._abort_tasks:
+            return
+        tasks = list(self._abort_tasks)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)

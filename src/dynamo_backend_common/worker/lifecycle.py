@@ -1,0 +1,699 @@
+"""The worker lifecycle: start the engine, register, serve, and shut down in order.
+
+Startup: discovery (lease -> ``worker_id``) -> request plane and status server -> event plane ->
+``engine.start(worker_id)`` -> ``setup_metrics`` -> KV event sources -> canary and controls ->
+register instance and model card (ready).
+
+Shutdown (SIGTERM/SIGINT, lease loss, or :meth:`Worker.request_shutdown`) runs named stages, each
+once, under one budget armed at the signal: ``unregister -> router_grace -> stop_admission ->
+inflight -> kv_transfer (drain) -> cleanup``, then the runtime is torn down. Each stage is logged
+and recorded as ``dynamo_component_shutdown_stage_seconds{stage,reason}``. ``cleanup()`` runs
+exactly once if ``start()`` was called (also after a failed start, with a 5 s floor) and never
+if shutdown came first. A watchdog force-exits (70) past budget + 5 s; a second signal exits
+(70) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from ..config import DisaggregationMode, WorkerConfig, env_health_check_payload
+from ..engine import (
+    EngineConfig,
+    LLMEngine,
+    MetricsCtx,
+    PushKvEventSource,
+    ZmqKvEventSource,
+)
+from ..errors import DynamoError
+from ..protocols.codec import convert, from_msgpack, to_builtins, to_json, to_msgpack
+from ..protocols.common import PreprocessedRequest
+from ..protocols.discovery import (
+    InstanceInfo,
+    ModelCard,
+    RuntimeConfig,
+    instance_key,
+    model_key,
+)
+from ..protocols.kv import LoadSnapshot, RouterEvent
+from ..runtime.context import Context
+from ..runtime.discovery import Discovery, open_discovery
+from ..runtime.events import EventPlane, kv_events_subject, kv_metrics_subject, open_event_plane
+from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
+from ..runtime.status_server import StatusServer
+from ..runtime.transport import RequestPlaneServer
+from ..runtime.worker_metrics import WorkerMetrics
+from .adapter import EngineAdapter
+from .tracker import RequestTracker
+
+log = logging.getLogger("dynamo_backend_common.worker")
+
+CONTROL_ENDPOINT = "engine_control"
+FORCE_EXIT_CODE = 70
+CLEANUP_FLOOR_S = 5.0
+
+
+class _State(enum.Enum):
+    INIT = "init"
+    RUNNING = "running"
+    START_FAILED = "start_failed"
+    STOPPED = "stopped"
+
+
+class ControlRequest(msgspec.Struct):
+    control: str
+    body: Any = None
+
+
+class Worker:
+    """Serves one engine. Single-shot: call :meth:`run` once."""
+
+    def __init__(self, engine: LLMEngine, config: WorkerConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or WorkerConfig()
+        self.config.validate()
+        self.worker_id: int | None = None
+        self.engine_config: EngineConfig | None = None
+        self.ready = asyncio.Event()
+        self._state = _State.INIT
+        self._shutdown = asyncio.Event()
+        self._shutdown_reason = ""
+        self._shutdown_started: float | None = None
+        self._signals = 0
+        self._watchdog: threading.Timer | None = None
+        self._tracker = RequestTracker()
+        self._discovery: Discovery | None = None
+        self._events: EventPlane | None = None
+        self._server: RequestPlaneServer | None = None
+        self._status: StatusServer | None = None
+        self._metrics: WorkerMetrics | None = None
+        self._adapter: EngineAdapter | None = None
+        self._registered_keys: list[str] = []
+        self._publishers: list[KvEventPublisher | SnapshotPublisher] = []
+        self._relays: list[Any] = []
+        self._controls: list[str] = []
+        self._canary: dict[str, Any] | None = None
+        self._canary_task: asyncio.Task[None] | None = None
+        self._health: dict[str, Any] = {"canary": "disabled"}
+        self._cleanup_abandoned = False
+
+    # -- public surface -------------------------------------------------------------------
+    @property
+    def address(self) -> str | None:
+        return self._server.address if self._server else None
+
+    @property
+    def status_port(self) -> int | None:
+        return self._status.port if self._status else None
+
+    @property
+    def metrics(self) -> WorkerMetrics | None:
+        return self._metrics
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        """Begin graceful shutdown (what SIGTERM does, minus the watchdog)."""
+        if not self._shutdown.is_set():
+            self._shutdown_reason = reason
+            self._shutdown_started = time.monotonic()
+            self._shutdown.set()
+
+    async def run(self) -> int:
+        """Run until shut down. Returns the process exit code (0 = clean)."""
+        loop = asyncio.get_running_loop()
+        installed = self._install_signals(loop)
+        try:
+            return await self._run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+    # -- signals --------------------------------------------------------------------------
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+                pass
+        return installed
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals > 1:
+            log.warning("%s received again; exiting now", name)
+            os._exit(FORCE_EXIT_CODE)
+        log.info("%s received", name)
+        self.request_shutdown(name)
+        budget = self.config.shutdown.resolved().total + CLEANUP_FLOOR_S
+        self._watchdog = threading.Timer(budget, self._force_exit, args=(budget,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    @staticmethod
+    def _force_exit(budget: float) -> None:
+        log.error("shutdown exceeded its %.1fs budget; forcing exit", budget)
+        logging.shutdown()
+        os._exit(FORCE_EXIT_CODE)
+
+    # -- main sequence --------------------------------------------------------------------
+    async def _run(self) -> int:
+        cfg = self.config
+        try:
+            self._discovery = open_discovery(cfg.discovery)
+            await self._discovery.start()
+        except Exception as exc:
+            log.error("discovery unavailable (%s): %s", cfg.discovery or "default", exc)
+            return 1
+        self.worker_id = self._discovery.instance_id
+        if self._shutdown.is_set():
+            log.info("shutdown requested before engine start; exiting without cleanup")
+            await self._teardown()
+            return 0
+
+        exit_code = 0
+        try:
+            await self._start_runtime()
+            log.info("starting engine %s (worker_id=%x)", type(self.engine).__name__,
+                     self.worker_id)
+            t0 = time.perf_counter()
+            self._state = _State.RUNNING
+            try:
+                engine_cfg = await self.engine.start(self.worker_id)
+                if not isinstance(engine_cfg, EngineConfig):
+                    raise DynamoError.invalid_argument(
+                        f"start() must return EngineConfig, got {type(engine_cfg).__name__}"
+                    )
+                engine_cfg.validate()
+            except BaseException:
+                self._state = _State.START_FAILED
+                raise
+            self.engine_config = engine_cfg
+            load_time = time.perf_counter() - t0
+            log.info("engine started in %.2fs: model=%s", load_time, engine_cfg.model)
+            await self._setup_after_start(engine_cfg, load_time)
+            if not self._shutdown.is_set():
+                await self._register(engine_cfg)
+                log.info(
+                    "Serving %s on %s.%s.%s at %s",
+                    engine_cfg.display_name if not cfg.served_model_name
+                    else cfg.served_model_name,
+                    cfg.namespace, cfg.component, cfg.endpoint, self.address,
+                )
+                await self._wait_for_shutdown()
+        except Exception as exc:
+            log.error("worker failed: %s", exc, exc_info=not isinstance(exc, DynamoError))
+            exit_code = 1
+            self.request_shutdown("error")
+        if self._shutdown_started is None:
+            self._shutdown_started = time.monotonic()
+        await self._orchestrate_shutdown()
+        if self._cleanup_abandoned and exit_code == 0:
+            exit_code = 1
+        return exit_code
+
+    async def _start_runtime(self) -> None:
+        cfg = self.config
+        assert self._discovery is not None and self.worker_id is not None
+        self._adapter = EngineAdapter(
+            self.engine,
+            tracker=self._tracker,
+            decode_mode=cfg.disaggregation_mode is DisaggregationMode.DECODE,
+        )
+        self._server = RequestPlaneServer(cfg.host, cfg.port)
+        self._server.add_endpoint(cfg.endpoint, self._adapter.handle)
+        self._server.add_endpoint(CONTROL_ENDPOINT, self._control_handler)
+        await self._server.start()
+        if cfg.status_port is not None:
+            self._status = StatusServer(
+                cfg.status_host, cfg.status_port, metrics=self._render_metrics,
+                health=self._health_check,
+            )
+            self._status.add_route("POST", "/engine/control", self._http_control)
+            await self._status.start()
+            log.info("status server on http://%s:%d (/metrics /health /live)",
+                     cfg.status_host, self._status.port)
+        self._events = open_event_plane(cfg.events, discovery=self._discovery)
+        await self._events.start()
+
+    async def _setup_after_start(self, engine_cfg: EngineConfig, load_time: float) -> None:
+        cfg = self.config
+        assert self._events is not None and self._adapter is not None
+        assert self.worker_id is not None
+        loop = asyncio.get_running_loop()
+        # Built after start(): the model labels are only known now.
+        metrics = self._metrics = WorkerMetrics(
+            namespace=cfg.namespace,
+            component=cfg.component,
+            endpoint=cfg.endpoint,
+            worker_id=f"{self.worker_id:x}",
+            model=engine_cfg.model,
+            model_name=self._served_name(engine_cfg),
+            extra_labels=cfg.metrics_labels,
+        )
+        self._adapter.metrics = metrics
+        metrics.set_model_load_time(load_time)
+
+        bindings = await self.engine.setup_metrics(
+            MetricsCtx(
+                model=engine_cfg.model,
+                component=cfg.component,
+                model_load_time_seconds=load_time,
+                metrics=metrics.engine_metrics,
+            )
+        )
+        if bindings.dp_ranks:
+            metrics.declare_dp_ranks(bindings.dp_ranks)
+            events = self._events
+            subject = kv_metrics_subject(cfg.namespace, cfg.component)
+            worker_id = self.worker_id
+            kv_routing = cfg.enable_kv_routing
+
+            def on_snapshot(snap: Any) -> None:
+                metrics.on_snapshot(snap)
+                if kv_routing:
+                    events.publish(subject, to_msgpack(LoadSnapshot(
+                        worker_id=worker_id,
+                        dp_rank=snap.dp_rank,
+                        kv_used_blocks=snap.kv_used_blocks,
+                        kv_total_blocks=snap.kv_total_blocks,
+                        gpu_cache_usage=snap.gpu_cache_usage,
+                        kv_cache_hit_rate=snap.kv_cache_hit_rate,
+                    )))
+
+            publisher = SnapshotPublisher(bindings.dp_ranks, on_snapshot, loop)
+            self._publishers.append(publisher)
+            if bindings.on_publisher_ready is not None:
+                bindings.on_publisher_ready(publisher)
+
+        if cfg.enable_kv_routing:
+            await self._setup_kv_events(engine_cfg, loop)
+
+        payload = cfg.health_check_payload or env_health_check_payload()
+        if payload is None:
+            payload = await self.engine.health_check_payload()
+        self._canary = payload
+        self._controls = list(await self.engine.supported_controls())
+
+    async def _setup_kv_events(
+        self, engine_cfg: EngineConfig, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        sources = await self.engine.kv_event_sources()
+        if not sources:
+            return
+        block_size = engine_cfg.kv_cache_block_size
+        if block_size is None:
+            log.warning("engine declared KV event sources without kv_cache_block_size; "
+                        "KV events are not published")
+            return
+        assert self._events is not None and self.worker_id is not None
+        cfg = self.config
+        events = self._events
+        subject = kv_events_subject(cfg.namespace, cfg.component)
+
+        def sink(event: RouterEvent) -> None:
+            events.publish(subject, to_msgpack(event))
+
+        for source in sources:
+            publisher = KvEventPublisher(self.worker_id, source.dp_rank, sink, loop)
+            self._publishers.append(publisher)
+            if isinstance(source, PushKvEventSource):
+                source.on_ready(publisher)
+            elif isinstance(source, ZmqKvEventSource):
+                from ..runtime.zmq_kv_relay import ZmqKvEventRelay
+
+                relay = ZmqKvEventRelay(source, publisher, block_size=block_size)
+                await relay.start()
+                self._relays.append(relay)
+            else:
+                raise DynamoError.invalid_argument(f"unknown KV event source {source!r}")
+        log.info("publishing KV events for dp ranks %s", [s.dp_rank for s in sources])
+
+    def _served_name(self, engine_cfg: EngineConfig) -> str:
+        return self.config.served_model_name or engine_cfg.display_name
+
+    async def _register(self, engine_cfg: EngineConfig) -> None:
+        cfg = self.config
+        assert self._discovery is not None and self.worker_id is not None
+        assert self._server is not None
+        advertise = cfg.advertise_host or self._server.address.rpartition(":")[0]
+        port = self._server.address.rpartition(":")[2]
+        info = InstanceInfo(
+            namespace=cfg.namespace,
+            component=cfg.component,
+            endpoint=cfg.endpoint,
+            instance_id=self.worker_id,
+            transport={"tcp": f"{advertise}:{port}/{cfg.endpoint}"},
+            status_url=(f"http://{cfg.status_host}:{self._status.port}"
+                        if self._status is not None else None),
+        )
+        card = self.build_model_card(engine_cfg)
+        ikey = instance_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
+        mkey = model_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
+        await self._discovery.put(ikey, to_json(info))
+        self._registered_keys.append(ikey)
+        await self._discovery.put(mkey, to_json(card))
+        self._registered_keys.append(mkey)
+        self.ready.set()
+        if self._canary is not None:
+            self._canary_task = asyncio.get_running_loop().create_task(
+                self._canary_loop(), name="health-canary"
+            )
+
+    def build_model_card(self, engine_cfg: EngineConfig) -> ModelCard:
+        """The model card registered for this worker (see ``protocols.discovery``)."""
+        cfg = self.config
+        assert self.worker_id is not None
+        mode = cfg.disaggregation_mode
+        checksum = None
+        if cfg.model_path:
+            checksum = _dir_checksum(cfg.model_path)
+        types = [t.strip().lower() for t in cfg.endpoint_types.split(",") if t.strip()]
+        names = {"chat": "Chat", "completions": "Completions", "completion": "Completions"}
+        model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
+        if mode is DisaggregationMode.PREFILL:
+            model_type = "Prefill"
+        disagg = None
+        if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
+            disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
+                      "bootstrap_port": engine_cfg.bootstrap_port}
+        return ModelCard(
+            namespace=cfg.namespace,
+            component=cfg.component,
+            endpoint=cfg.endpoint,
+            instance_id=self.worker_id,
+            display_name=self._served_name(engine_cfg),
+            model=engine_cfg.model,
+            source_path=os.path.abspath(cfg.model_path) if cfg.model_path else "",
+            checksum=checksum,
+            model_type=model_type,
+            worker_type=mode.value,
+            kv_cache_block_size=engine_cfg.kv_cache_block_size,
+            migration_limit=cfg.migration_limit,
+            runtime_config=RuntimeConfig(
+                context_length=engine_cfg.context_length,
+                total_kv_blocks=engine_cfg.total_kv_blocks,
+                max_num_seqs=engine_cfg.max_num_seqs,
+                max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
+                data_parallel_size=engine_cfg.data_parallel_size or 1,
+                data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
+                runtime_data=dict(engine_cfg.runtime_data),
+                disaggregated_endpoint=disagg,
+                supported_controls=list(self._controls),
+            ),
+        )
+
+    async def _wait_for_shutdown(self) -> None:
+        assert self._discovery is not None
+        waiters = [
+            asyncio.ensure_future(self._shutdown.wait()),
+            asyncio.ensure_future(self._discovery.lease_lost.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        if self._discovery.lease_lost.is_set() and not self._shutdown.is_set():
+            log.error("discovery lease lost; shutting down")
+            self.request_shutdown("lease_lost")
+
+    def _render_metrics(self) -> bytes:
+        return self._metrics.render() if self._metrics is not None else b""
+
+    # -- health ---------------------------------------------------------------------------
+    async def _health_check(self) -> tuple[bool, dict[str, Any]]:
+        ready = self.ready.is_set() and not self._shutdown.is_set()
+        details = dict(self._health)
+        details["worker_id"] = f"{self.worker_id:x}" if self.worker_id is not None else None
+        if self._shutdown.is_set():
+            details["shutdown"] = self._shutdown_reason
+        return ready and details.get("canary") != "failed", details
+
+    async def run_canary(self) -> None:
+        """Send the canary through the same adapter as real requests; record the outcome."""
+        assert self._adapter is not None and self._canary is not None
+        payload = dict(self._canary)
+        payload["_HEALTH_CHECK"] = True
+        started = time.perf_counter()
+        try:
+            request = convert(payload, PreprocessedRequest)
+
+            async def consume() -> int:
+                assert self._adapter is not None
+                n = 0
+                async for out in self._adapter.generate(request, Context(), {}):
+                    n += 1
+                    if out.finish_reason is not None:
+                        break
+                return n
+
+            chunks = await asyncio.wait_for(consume(), self.config.health_check_timeout_secs)
+            self._health = {"canary": "ok", "canary_chunks": chunks,
+                            "canary_ms": round((time.perf_counter() - started) * 1e3, 3)}
+        except DynamoError as exc:
+            if exc.kind.value == "EngineShutdown":
+                return
+            self._health = {"canary": "failed", "canary_error": str(exc)}
+            log.warning("health canary failed: %s", exc)
+        except Exception as exc:
+            self._health = {"canary": "failed", "canary_error": f"{type(exc).__name__}: {exc}"}
+            log.warning("health canary failed: %s", exc)
+
+    async def _canary_loop(self) -> None:
+        while not self._shutdown.is_set():
+            await self.run_canary()
+            try:
+                await asyncio.wait_for(
+                    self._shutdown.wait(), self.config.health_check_interval_secs
+                )
+            except TimeoutError:
+                continue
+
+    # -- engine controls ------------------------------------------------------------------
+    async def control(self, name: str, body: Any) -> Any:
+        """Dispatch one engine control; unknown names raise ``InvalidArgument``."""
+        if name not in self._controls:
+            raise DynamoError.invalid_argument(
+                f"unknown engine control {name!r}; supported: {sorted(self._controls)}"
+            )
+        return await self.engine.engine_control(name, body)
+
+    async def _control_handler(
+        self, payload: bytes, ctx: Context, headers: Mapping[str, str]
+    ) -> AsyncIterator[bytes]:
+        try:
+            req = from_msgpack(payload, ControlRequest)
+        except Exception as exc:
+            raise DynamoError.invalid_argument(f"bad control request: {exc}") from None
+        result = await self.control(req.control, req.body)
+        yield to_msgpack(to_builtins(result))
+
+    async def _http_control(self, body: bytes) -> tuple[int, str, bytes]:
+        try:
+            req = msgspec.json.decode(body, type=ControlRequest)
+        except msgspec.MsgspecError as exc:
+            return 400, "application/json", to_json({"status": "error", "message": str(exc)})
+        try:
+            result = await self.control(req.control, req.body)
+        except DynamoError as exc:
+            code = 400 if exc.kind.value == "InvalidArgument" else 500
+            return code, "application/json", to_json(
+                {"status": "error", "message": exc.message, "kind": exc.kind.value})
+        return 200, "application/json", to_json(result)
+
+    # -- shutdown -------------------------------------------------------------------------
+    async def _orchestrate_shutdown(self) -> None:
+        budget = self.config.shutdown.resolved()
+        assert self._shutdown_started is not None
+        deadline = self._shutdown_started + budget.total
+        started_engine = self._state in (_State.RUNNING, _State.START_FAILED)
+        serving = self.ready.is_set()
+        self.ready.clear()
+        log.info("shutdown (%s): budget %.1fs", self._shutdown_reason or "exit", budget.total)
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        await self._stage("unregister", self._unregister(), remaining())
+        if serving and budget.router_grace > 0 and remaining() > 0:
+            await self._stage("router_grace", asyncio.sleep(min(budget.router_grace,
+                                                                remaining())), None)
+        else:
+            self._record("router_grace", "skipped", 0.0)
+        t = time.perf_counter()
+        self._tracker.stop_accepting()
+        self._record("stop_admission", "completed", time.perf_counter() - t)
+        await self._stage("inflight", self._wait_inflight(), min(budget.inflight, remaining()),
+                          zero_ok=True)
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+            await asyncio.gather(self._canary_task, return_exceptions=True)
+        if started_engine and self._state is _State.RUNNING:
+            t = time.perf_counter()
+            await self._stage("kv_transfer", self._drain(),
+                              min(budget.kv_transfer, remaining()))
+            if self._metrics is not None:
+                self._metrics.set_drain_time(time.perf_counter() - t)
+        else:
+            self._record("kv_transfer", "skipped", 0.0)
+        if started_engine:
+            await self._cleanup_once(max(min(budget.cleanup, remaining()),
+                                         min(budget.cleanup, CLEANUP_FLOOR_S)))
+        else:
+            self._record("cleanup", "skipped", 0.0)
+        await self._teardown()
+
+    async def _unregister(self) -> None:
+        assert self._discovery is not None
+        for key in reversed(self._registered_keys):
+            await self._discovery.delete(key)
+        self._registered_keys.clear()
+
+    async def _wait_inflight(self) -> None:
+        if not await self._tracker.wait_idle(None):  # pragma: no cover - unbounded wait
+            raise TimeoutError
+
+    async def _drain(self) -> None:
+        try:
+            await self.engine.drain()
+        except Exception as exc:
+            log.warning("engine drain failed (continuing shutdown): %s", exc)
+
+    async def _cleanup_once(self, timeout: float) -> None:
+        if self._state in (_State.INIT, _State.STOPPED):
+            self._state = _State.STOPPED
+            return
+        t = time.perf_counter()
+        reason = "completed"
+        task = asyncio.ensure_future(self.engine.cleanup())
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:
+            reason = "timed_out"
+            self._cleanup_abandoned = True
+            task.cancel()
+            log.error("engine cleanup exceeded its %.1fs budget; abandoning it", timeout)
+        elif task.exception() is not None:
+            log.error("engine cleanup failed: %s", task.exception())
+        else:
+            log.info("Engine cleanup complete")
+        elapsed = time.perf_counter() - t
+        self._record("cleanup", reason, elapsed)
+        if self._metrics is not None:
+            self._metrics.set_cleanup_time(elapsed)
+        for p in self._publishers:
+            p.close()
+        self._state = _State.STOPPED
+
+    async def _stage(
+        self, name: str, aw: Awaitable[Any], timeout: float | None, *, zero_ok: bool = False
+    ) -> str:
+        t = time.perf_counter()
+        task = asyncio.ensure_future(aw)
+        if timeout is not None and timeout <= 0 and not zero_ok:
+            timeout = 0.0
+        wait_for = None if timeout is None or math.isinf(timeout) else max(0.0, timeout)
+        done, _ = await asyncio.wait([task], timeout=wait_for)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            reason = "timed_out"
+        elif task.exception() is not None:
+            log.warning("shutdown stage %s failed: %s", name, task.exception())
+            reason = "skipped"
+        else:
+            reason = "completed"
+        self._record(name, reason, time.perf_counter() - t)
+        return reason
+
+    def _record(self, stage: str, reason: str, seconds: float) -> None:
+        level = logging.WARNING if reason == "timed_out" else logging.INFO
+        extra = f" ({self._tracker.inflight} still in flight)" if stage == "inflight" else ""
+        log.log(level, "shutdown stage %s %s in %.3fs%s", stage, reason, seconds, extra)
+        if self._metrics is not None:
+            self._metrics.record_shutdown_stage(stage, reason, seconds)
+
+    async def _teardown(self) -> None:
+        if self._adapter is not None:
+            await self._adapter.close()
+        for relay in self._relays:
+            await _quietly(relay.close())
+        if self._server is not None:
+            await _quietly(self._server.close(timeout=1.0))
+        if self._events is not None:
+            await _quietly(self._events.close())
+        if self._status is not None:
+            await _quietly(self._status.close())
+        if self._discovery is not None:
+            await _quietly(self._discovery.close())
+
+
+async def _quietly(aw: Awaitable[Any]) -> None:
+    try:
+        await aw
+    except Exception as exc:
+        log.warning("teardown step failed: %s", exc)
+
+
+def _dir_checksum(path: str) -> str | None:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    found = False
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json",
+                 "generation_config.json"):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            found = True
+            h.update(name.encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return f"blake2b:{h.hexdigest()}" if found else None
+
+
+def run(
+    engine: LLMEngine | Callable[[], LLMEngine],
+    config: WorkerConfig | None = None,
+    *,
+    install_uvloop: bool = True,
+) -> int:
+    """Serve ``engine`` until SIGTERM/SIGINT; returns the exit code (``sys.exit`` it).
+
+    ``engine`` may be an instance or a zero-argument factory called inside the event loop.
+    """
+    from ..log_setup import configure_logging
+
+    configure_logging()
+
+    async def main() -> int:
+        eng = engine if isinstance(engine, LLMEngine) else engine()
+        return await Worker(eng, config).run()
+
+    if install_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run(main())
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Unix
+            pass
+    return asyncio.run(main())
+
+
+__all__ = ["CONTROL_ENDPOINT", "Worker", "run"]
