@@ -49,7 +49,13 @@ from ..protocols.discovery import (
 from ..protocols.kv import LoadSnapshot, RouterEvent
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
-from ..runtime.events import EventPlane, kv_events_subject, kv_metrics_subject, open_event_plane
+from ..runtime.events import (
+    EventPlane,
+    default_event_url,
+    kv_events_subject,
+    kv_metrics_subject,
+    open_event_plane,
+)
 from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ..runtime.status_server import StatusServer
 from ..runtime.transport import RequestPlaneServer
@@ -249,7 +255,8 @@ class Worker:
             await self._status.start()
             log.info("status server on http://%s:%d (/metrics /health /live)",
                      cfg.status_host, self._status.port)
-        self._events = open_event_plane(cfg.events, discovery=self._discovery)
+        events_url = cfg.events or default_event_url(self._discovery)
+        self._events = open_event_plane(events_url, discovery=self._discovery)
         await self._events.start()
 
     async def _setup_after_start(self, engine_cfg: EngineConfig, load_time: float) -> None:

@@ -44,12 +44,24 @@ __all__ = [
     "Subscription",
     "ZmqEventPlane",
     "component_subject",
+    "default_event_url",
     "encode_segment",
     "kv_events_subject",
     "kv_metrics_subject",
     "open_event_plane",
     "validate_subject",
 ]
+
+
+def default_event_url(discovery: Discovery | None) -> str | None:
+    """The event plane to use when none is configured: in-process next to in-memory discovery
+    (everything lives in one process), ``zmq://`` otherwise (works across processes with no
+    server, publishers found through discovery)."""
+    from ..discovery import MemoryDiscovery
+
+    if discovery is None or isinstance(discovery, MemoryDiscovery):
+        return None
+    return "zmq://"
 
 #: Topic of :class:`~dynamo_backend_common.protocols.kv.RouterEvent` messages (Dynamo's name).
 KV_EVENTS_TOPIC: Final = "kv-events"
