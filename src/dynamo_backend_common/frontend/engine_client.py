@@ -11,16 +11,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 
 import msgspec
 
 from ..errors import BackendError, DynamoError
 from ..protocols.codec import from_msgpack, to_msgpack
-from ..protocols.common import LLMEngineOutput, PreprocessedRequest
+from ..protocols.common import LLMEngineOutput, PreprocessedRequest, RoutingHints
 from ..runtime.context import Context
 from ..runtime.transport import RequestPlaneClient
-from .model_manager import ModelEntry, ModelManager, WorkerEntry
+from .model_manager import ModelManager
+from .routing import Routed, Router
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
@@ -29,9 +30,6 @@ _REFUSED = {BackendError.CannotConnect, BackendError.EngineShutdown,
             BackendError.ConnectionTimeout}
 #: Errors meaning "the stream broke after it started": migrate.
 _BROKEN = {BackendError.Disconnected, BackendError.StreamIncomplete}
-
-#: ``select(model, entry, token_ids, exclude) -> worker``; raises LookupError when none is left.
-Selector = Callable[[str, ModelEntry, Sequence[int], set[int]], WorkerEntry]
 
 
 class NoWorkersError(DynamoError):
@@ -47,17 +45,14 @@ class EngineClient:
     def __init__(
         self,
         models: ModelManager,
-        select: Selector,
+        router: Router,
         *,
         transport: RequestPlaneClient | None = None,
-        on_routed: Callable[[str, WorkerEntry, PreprocessedRequest], object] | None = None,
-        on_finished: Callable[[str, WorkerEntry], object] | None = None,
     ) -> None:
         self.models = models
-        self.select = select
+        self.router = router
         self.transport = transport or RequestPlaneClient()
-        self.on_routed = on_routed
-        self.on_finished = on_finished
+        #: Streams moved to another worker after a mid-stream failure (all requests).
         self.migrations = 0
 
     async def close(self) -> None:
@@ -80,16 +75,16 @@ class EngineClient:
             if entry is None:
                 raise NoWorkersError(model, "all workers left")
             try:
-                worker = self.select(model, entry, current.token_ids, tried)
+                routed: Routed = self.router.route(model, entry, current.token_ids, tried)
             except LookupError:
                 raise NoWorkersError(model, f"tried {len(tried)} worker(s)") from None
+            worker = routed.worker
             tried.add(worker.instance_id)
-            if self.on_routed is not None:
-                self.on_routed(model, worker, current)
             started = False
             try:
+                sent = _with_target(current, worker.instance_id, routed)
                 stream = self.transport.stream(
-                    worker.address, worker.endpoint, to_msgpack(current), ctx,
+                    worker.address, worker.endpoint, to_msgpack(sent), ctx,
                     headers={"x-request-id": ctx.id},
                 )
                 try:
@@ -127,8 +122,20 @@ class EngineClient:
                     continue
                 raise
             finally:
-                if self.on_finished is not None:
-                    self.on_finished(model, worker)
+                self.router.finished(routed)
+
+
+def _with_target(
+    request: PreprocessedRequest, instance_id: int, routed: Routed
+) -> PreprocessedRequest:
+    routing = request.routing or RoutingHints()
+    routing = msgspec.structs.replace(routing, dp_rank=routed.dp_rank)
+    return msgspec.structs.replace(
+        request,
+        routing=routing,
+        backend_instance_id=instance_id,
+        estimated_prefix_hit_num_blocks=routed.decision.overlap_blocks or None,
+    )
 
 
 def _continuation(
