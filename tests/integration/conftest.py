@@ -9,9 +9,12 @@ helpers for that.
 from __future__ import annotations
 
 import os
+import re
+import selectors
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +23,7 @@ import httpx
 import pytest
 
 START_TIMEOUT = 20.0
+_LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 
 
 def free_ports(count: int) -> list[int]:
@@ -168,6 +172,124 @@ def private_etcd(tmp_path: Path) -> Iterator[ServerProcess]:
     """A started etcd of this test's own, for tests that stop or restart the server."""
     _need_etcd()
     server = etcd_server(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- NATS -------------------------------------------------------------------------------------
+
+class NatsServer:
+    """A nats-server subprocess. ``start`` returns once the server logged that it is ready.
+
+    The first start takes a random port (``-p -1``, so no free-port race) read from the log;
+    a restart reuses it.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.port: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._drain: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        port = str(self.port) if self.port is not None else "-1"
+        argv = ["nats-server", "-a", "127.0.0.1", "-p", port]
+        # Unbuffered: a buffered reader could hold the ready line while select() sees nothing.
+        self.proc = proc = subprocess.Popen(
+            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, bufsize=0
+        )
+        assert proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        ready = False
+        with selectors.DefaultSelector() as sel, open(self.log_path, "ab") as log:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            # The server announces readiness on stderr: block on its output, not on a timer.
+            while not ready:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.stop()
+                    raise RuntimeError(f"nats-server not ready after {timeout}s: {self.log()}")
+                line = proc.stderr.readline()
+                if not line:
+                    self.stop()
+                    raise RuntimeError(f"nats-server exited ({proc.returncode}): {self.log()}")
+                log.write(line)
+                log.flush()
+                if m := _LISTENING.search(line):
+                    self.port = int(m.group(2))
+                ready = b"Server is ready" in line
+        assert self.port is not None
+
+        def drain() -> None:  # keep reading so the server never blocks on a full pipe
+            with open(self.log_path, "ab") as log:
+                for line in proc.stderr:  # type: ignore[union-attr]
+                    log.write(line)
+
+        self._drain = threading.Thread(target=drain, daemon=True)
+        self._drain.start()
+
+    def stop(self) -> None:
+        """Terminate (then kill) the server, reap it and close its pipe. Idempotent."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._drain is not None:
+            self._drain.join(5)
+            self._drain = None
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "<no log>"
+
+
+def need_nats() -> None:
+    if shutil.which("nats-server") is None:
+        pytest.skip("nats-server is not on PATH (and DYN_TEST_NATS_URL is not set)")
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a NATS server shared by the session (``$DYN_TEST_NATS_URL`` or own).
+
+    Tests sharing it must use their own subjects.
+    """
+    if url := os.environ.get("DYN_TEST_NATS_URL"):
+        yield url
+        return
+    need_nats()
+    server = NatsServer(tmp_path_factory.mktemp("nats") / "nats.log")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A started nats-server of this test's own, for tests that stop or restart it."""
+    need_nats()
+    server = NatsServer(tmp_path / "nats.log")
     server.start()
     try:
         yield server

@@ -5,14 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import re
-import selectors
-import shutil
-import subprocess
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,113 +19,13 @@ from dynamo_backend_common.runtime.events import (
     open_event_plane,
 )
 
+if TYPE_CHECKING:
+    from tests.integration.conftest import NatsServer
+
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 10.0
-_LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 _prefixes = itertools.count()
-
-
-class NatsServer:
-    """A nats-server subprocess. ``start`` returns once the server logged that it is ready.
-
-    The first start takes a random port (``-p -1``, so no free-port race) read from the log;
-    a restart reuses it.
-    """
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self.port: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._drain: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> None:
-        port = str(self.port) if self.port is not None else "-1"
-        argv = ["nats-server", "-a", "127.0.0.1", "-p", port]
-        # Unbuffered: a buffered reader could hold the ready line while select() sees nothing.
-        self.proc = proc = subprocess.Popen(
-            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, bufsize=0
-        )
-        assert proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        ready = False
-        with selectors.DefaultSelector() as sel, open(self.log_path, "ab") as log:
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            # The server announces readiness on stderr: block on its output, not on a timer.
-            while not ready:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    self.stop()
-                    raise RuntimeError(f"nats-server not ready after {timeout}s: {self.log()}")
-                line = proc.stderr.readline()
-                if not line:
-                    self.stop()
-                    raise RuntimeError(f"nats-server exited ({proc.returncode}): {self.log()}")
-                log.write(line)
-                log.flush()
-                if m := _LISTENING.search(line):
-                    self.port = int(m.group(2))
-                ready = b"Server is ready" in line
-        assert self.port is not None
-
-        def drain() -> None:  # keep reading so the server never blocks on a full pipe
-            with open(self.log_path, "ab") as log:
-                for line in proc.stderr:  # type: ignore[union-attr]
-                    log.write(line)
-
-        self._drain = threading.Thread(target=drain, daemon=True)
-        self._drain.start()
-
-    def stop(self) -> None:
-        """Terminate (then kill) the server, reap it and close its pipe. Idempotent."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._drain is not None:
-            self._drain.join(5)
-            self._drain = None
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "<no log>"
-
-
-def _need_nats() -> None:
-    if shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not on PATH (and DYN_TEST_NATS_URL is not set)")
-
-
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a NATS server shared by the session (``$DYN_TEST_NATS_URL`` or own).
-
-    Tests sharing it must use their own subjects.
-    """
-    if url := os.environ.get("DYN_TEST_NATS_URL"):
-        yield url
-        return
-    _need_nats()
-    server = NatsServer(tmp_path_factory.mktemp("nats") / "nats.log")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def prefix() -> str:
@@ -226,49 +120,39 @@ async def test_connect_failure_is_typed() -> None:
     await plane.close()
 
 
-async def test_reconnects_after_server_restart(tmp_path: Path) -> None:
-    _need_nats()
-    server = NatsServer(tmp_path / "nats.log")
-    server.start()
-    try:
-        async with open_event_plane(server.url) as a, open_event_plane(server.url) as b:
-            sub = b.subscribe("r.x")
-            await sub.ready()
-            a.publish("r.x", b"before")
-            assert await recv(sub) == Message("r.x", b"before")
-            server.stop()
-            server.start()
-            # Both clients reconnect in the background and re-send their subscriptions; the
-            # publisher cannot tell when the subscriber is back: probe until a message lands.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 15
-            for i in itertools.count():
-                a.publish("r.x", b"after%d" % i)
-                try:
-                    msg = await asyncio.wait_for(anext(sub), 0.2)
-                except TimeoutError:
-                    assert loop.time() < deadline, "no message after the restart"
-                    continue
-                assert msg.payload.startswith(b"after")
-                break
-    finally:
-        server.stop()
-
-
-async def test_close_is_bounded_when_the_server_is_gone(tmp_path: Path) -> None:
-    _need_nats()
-    server = NatsServer(tmp_path / "nats.log")
-    server.start()
-    try:
-        plane = NatsEventPlane([server.url], close_timeout=0.5)
-        await plane.start()
-        sub = plane.subscribe("gone.x")
+async def test_reconnects_after_server_restart(private_nats: NatsServer) -> None:
+    server = private_nats
+    async with open_event_plane(server.url) as a, open_event_plane(server.url) as b:
+        sub = b.subscribe("r.x")
         await sub.ready()
+        a.publish("r.x", b"before")
+        assert await recv(sub) == Message("r.x", b"before")
         server.stop()
-        for i in range(1000):
-            plane.publish("gone.x", b"%d" % i)
-        # A shutdown must not hang on the server: about 2 x close_timeout at most.
-        await asyncio.wait_for(plane.close(), 5)
-        assert plane.closed and await anext(sub, None) is None
-    finally:
-        server.stop()
+        server.start()
+        # Both clients reconnect in the background and re-send their subscriptions; the
+        # publisher cannot tell when the subscriber is back: probe until a message lands.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        for i in itertools.count():
+            a.publish("r.x", b"after%d" % i)
+            try:
+                msg = await asyncio.wait_for(anext(sub), 0.2)
+            except TimeoutError:
+                assert loop.time() < deadline, "no message after the restart"
+                continue
+            assert msg.payload.startswith(b"after")
+            break
+
+
+async def test_close_is_bounded_when_the_server_is_gone(private_nats: NatsServer) -> None:
+    server = private_nats
+    plane = NatsEventPlane([server.url], close_timeout=0.5)
+    await plane.start()
+    sub = plane.subscribe("gone.x")
+    await sub.ready()
+    server.stop()
+    for i in range(1000):
+        plane.publish("gone.x", b"%d" % i)
+    # A shutdown must not hang on the server: about 2 x close_timeout at most.
+    await asyncio.wait_for(plane.close(), 5)
+    assert plane.closed and await anext(sub, None) is None
