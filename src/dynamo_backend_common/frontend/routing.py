@@ -9,6 +9,18 @@ routing targets ``(instance_id, rank)``; the chosen rank travels in ``request.ro
 Per request the :class:`EngineClient` calls :meth:`Router.route` then, once the attempt ends,
 :meth:`Router.finished` with what ``route`` returned; ``kv`` mode counts the request's blocks
 against its worker in between.
+
+KV index upkeep (``kv`` mode), one :class:`KvIndexer` for all models:
+
+- a worker that leaves (discovery) loses its index entries, load and in-flight counts at once;
+  its id is remembered (the last :data:`DEPARTED_MEMORY` ids) so KV events and snapshots it
+  published while shutting down, still in flight on the event plane, cannot re-create entries
+  nobody would ever remove. A worker id that joins again is forgotten from that list.
+- a gap in a worker rank's event ids (events lost: ZMQ high-water mark, a NATS reconnect) drops
+  that rank's entries, logged as a warning and counted in ``kv_event_gaps``; the event that
+  revealed the gap starts the rank's new baseline. Stale entries would attract requests to a
+  cold cache; missing ones only cost a prefill, so dropping is the safe resync.
+- a ``cleared`` event drops the rank's entries; ``removed`` drops the named blocks.
 """
 
 from __future__ import annotations
@@ -17,25 +29,29 @@ import asyncio
 import logging
 import random
 from collections import Counter as Tally
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import ProtocolError
 from ..protocols.codec import from_msgpack
 from ..protocols.kv import LoadSnapshot, RouterEvent
-from ..router import KvIndexer, RouteDecision, RoutingPolicy, make_policy
+from ..router import KvIndexer, KvRouterConfig, RouteDecision, RoutingPolicy, WorkerKey, make_policy
 from ..router.policies import POLICY_NAMES
 from ..runtime.events import EventPlane, Subscription, kv_events_subject, kv_metrics_subject
 from .model_manager import ModelEntry, ModelManager, WorkerEntry
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
-__all__ = ["ROUTER_MODES", "Routed", "Router"]
+__all__ = ["DEPARTED_MEMORY", "ROUTER_MODES", "Routed", "Router"]
 
 ROUTER_MODES = POLICY_NAMES
+
+#: How many departed worker ids a :class:`Router` remembers to ignore their late events.
+DEPARTED_MEMORY = 4096
 
 
 @dataclass(eq=False, slots=True)
@@ -87,19 +103,32 @@ class Router:
         self._kv_options: dict[str, Any] = {
             "overlap_score_weight": overlap_weight, "temperature": temperature,
             "busy_threshold": busy_threshold}
+        KvRouterConfig(block_size=1, **self._kv_options)  # bad options fail here, not later
         self._rng = random.Random(seed)
-        self.indexer = KvIndexer()
+        self.indexer = KvIndexer(on_gap=self._on_gap)
         self._policies: dict[str, RoutingPolicy] = {}
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loads: dict[tuple[int, int], LoadSnapshot] = {}
+        self._departed: OrderedDict[int, None] = OrderedDict()
         #: KV events applied to the index so far (``kv`` mode).
         self.events_applied = 0
-        self._events_changed = asyncio.Condition()
+        #: KV events dropped because their worker had already left.
+        self.events_ignored = 0
+        #: Event-id gaps seen (each dropped one worker rank's entries).
+        self.kv_event_gaps = 0
+        self._changed = asyncio.Event()  # set and replaced on every change (see _notify)
+        self._waiters = 0
         #: Requests routed per ``(model, instance_id)`` since start.
         self.decisions: Tally[tuple[str, int]] = Tally()
+        #: The most recent decision (tests, debugging).
+        self.last: Routed | None = None
         self._decisions: Counter | None = None
         self._overlap: Histogram | None = None
+        self._overlap_blocks: Counter | None = None
+        self._prompt_blocks: Counter | None = None
+        self._events_metric: Counter | None = None
+        self._gaps_metric: Counter | None = None
         if registry is not None:
             self._decisions = Counter(
                 "dynamo_frontend_router_decisions", "Routing decisions per worker",
@@ -108,6 +137,26 @@ class Router:
                 "dynamo_frontend_router_overlap_ratio",
                 "Share of the prompt's KV blocks already cached on the chosen worker (kv mode)",
                 ["model"], buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=registry)
+            self._overlap_blocks = Counter(
+                "dynamo_frontend_router_overlap_blocks",
+                "Prompt KV blocks found cached on the chosen worker (kv mode); divide by "
+                "dynamo_frontend_router_prompt_blocks for the predicted hit rate",
+                ["model", "worker_id", "dp_rank"], registry=registry)
+            self._prompt_blocks = Counter(
+                "dynamo_frontend_router_prompt_blocks",
+                "Full KV blocks of the prompts routed (kv mode)",
+                ["model", "worker_id", "dp_rank"], registry=registry)
+            self._events_metric = Counter(
+                "dynamo_frontend_router_kv_events",
+                "KV events received: applied to the index, ignored (worker gone) or malformed",
+                ["result"], registry=registry)
+            self._gaps_metric = Counter(
+                "dynamo_frontend_router_kv_event_gaps",
+                "Gaps in a worker rank's KV event ids (its index entries were dropped)",
+                registry=registry)
+            Gauge("dynamo_frontend_router_indexed_blocks",
+                  "Distinct KV block hashes in the router's index (kv mode)",
+                  registry=registry).set_function(lambda: self.indexer.num_blocks)
         models.add_listener(self._on_worker)
         for name, entry in models.models.items():
             for worker in entry.workers.values():
@@ -148,20 +197,42 @@ class Router:
         worker_id, rank = decision.worker
         self.decisions[(model, worker_id)] += 1
         if self._decisions is not None:
-            self._decisions.labels(model, policy.name, f"{worker_id:x}", str(rank)).inc()
-        if self._overlap is not None and decision.prompt_blocks:
-            self._overlap.labels(model).observe(decision.overlap_blocks / decision.prompt_blocks)
+            wid, rk = f"{worker_id:x}", str(rank)
+            self._decisions.labels(model, policy.name, wid, rk).inc()
+            if decision.prompt_blocks:
+                assert self._overlap is not None and self._overlap_blocks is not None
+                assert self._prompt_blocks is not None
+                self._overlap.labels(model).observe(
+                    decision.overlap_blocks / decision.prompt_blocks)
+                self._overlap_blocks.labels(model, wid, rk).inc(decision.overlap_blocks)
+                self._prompt_blocks.labels(model, wid, rk).inc(decision.prompt_blocks)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("route %s -> worker %x rank %d (%s, overlap %d/%d blocks)", model,
+            costs = ", ".join(f"{k[0]:x}/{k[1]}={v:g}" for k, v in decision.logits.items())
+            log.debug("route %s -> worker %x rank %d (%s, overlap %d/%d blocks%s)", model,
                       worker_id, rank, policy.name, decision.overlap_blocks,
-                      decision.prompt_blocks)
-        return Routed(by_key[decision.worker], rank, decision, policy)
+                      decision.prompt_blocks, f"; costs {costs}" if costs else "")
+        routed = Routed(by_key[decision.worker], rank, decision, policy)
+        self.last = routed
+        return routed
+
+    def load(self, key: WorkerKey) -> LoadSnapshot | None:
+        """The latest load snapshot of worker rank ``key`` (``kv`` mode), if any."""
+        return self._loads.get(key)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checked after every KV event, load snapshot
+        and worker change (tests, warm-up). Raises ``TimeoutError`` after ``timeout`` s."""
+        self._waiters += 1
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     async def wait_for_events(self, count: int, timeout: float) -> None:
         """Wait until at least ``count`` KV events were applied (tests, warm-up)."""
-        async with self._events_changed:
-            await asyncio.wait_for(
-                self._events_changed.wait_for(lambda: self.events_applied >= count), timeout)
+        await self.wait_for(lambda: self.events_applied >= count, timeout)
 
     def finished(self, routed: Routed) -> None:
         """The attempt ``routed`` ended (success, error or cancellation)."""
@@ -191,6 +262,7 @@ class Router:
     def _on_worker(self, model: str, worker: WorkerEntry, added: bool) -> None:
         entry = self._models.models.get(model)
         if added:
+            self._departed.pop(worker.instance_id, None)
             if entry is None:
                 return
             policy = self._policy(model, entry)
@@ -198,15 +270,33 @@ class Router:
                 policy.add_worker(key)
             if self.mode == "kv":
                 self._subscribe(worker.card.namespace, worker.card.component)
+            self._notify()
             return
         current = self._policies.get(model)
-        for key in _worker_keys(worker):
+        keys = _worker_keys(worker)
+        dropped = sum(len(self.indexer.worker_blocks(k)) for k in keys)
+        for key in keys:
             if current is not None:
                 current.remove_worker(key)
             self.indexer.remove_worker(*key)
             self._loads.pop(key, None)
+        # Ranks the card did not announce (defensive): forget them too.
+        self.indexer.remove_worker(worker.instance_id)
+        self._departed[worker.instance_id] = None
+        while len(self._departed) > DEPARTED_MEMORY:
+            self._departed.popitem(last=False)
+        if self.mode == "kv":
+            log.info("kv router: worker %x left model %s; dropped its %d indexed blocks",
+                     worker.instance_id, model, dropped)
         if entry is None:
             self._policies.pop(model, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every :meth:`wait_for` (each re-checks its predicate)."""
+        if self._waiters:
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     def _subscribe(self, namespace: str, component: str) -> None:
         assert self._events is not None
@@ -228,19 +318,40 @@ class Router:
                 handler(msg.payload)
             except ProtocolError as exc:
                 log.warning("kv router: dropping malformed message on %s: %s", msg.subject, exc)
+                self._count_event("malformed")
             except Exception:
                 log.exception("kv router: handler failed on %s", msg.subject)
-            if handler == self._on_kv_event:
-                async with self._events_changed:
-                    self._events_changed.notify_all()
+            self._notify()
+
+    def _count_event(self, result: str) -> None:
+        if self._events_metric is not None:
+            self._events_metric.labels(result).inc()
 
     def _on_kv_event(self, payload: bytes) -> None:
         event = from_msgpack(payload, RouterEvent)
+        if event.worker_id in self._departed:
+            self.events_ignored += 1
+            self._count_event("ignored")
+            return
         self.indexer.apply(event)
         self.events_applied += 1
+        self._count_event("applied")
+
+    def _on_gap(self, key: WorkerKey, expected: int, got: int) -> None:
+        """The indexer saw event ``got`` from ``key`` where ``expected`` was due: events were
+        lost, so its entries may be stale. Drop them; ``got`` becomes the new baseline."""
+        self.kv_event_gaps += 1
+        if self._gaps_metric is not None:
+            self._gaps_metric.inc()
+        log.warning("kv router: KV event gap from worker %x rank %d (expected event %d, got "
+                    "%d: %d lost); dropping its %d indexed blocks", key[0], key[1], expected,
+                    got, got - expected, len(self.indexer.worker_blocks(key)))
+        self.indexer.clear_worker(key)
 
     def _on_load(self, payload: bytes) -> None:
         snap = from_msgpack(payload, LoadSnapshot)
+        if snap.worker_id in self._departed:
+            return
         self._loads[(snap.worker_id, snap.dp_rank)] = snap
         for policy in self._policies.values():
             policy.update_load(snap)
