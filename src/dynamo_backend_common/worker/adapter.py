@@ -111,11 +111,11 @@ class EngineAdapter:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
-        except GeneratorExit:
-            status = "dropped"
-            raise
-        except asyncio.CancelledError:
-            status = "dropped"
+        except (GeneratorExit, asyncio.CancelledError):
+            # Closed by the consumer. After the terminal chunk was delivered (a consumer that
+            # stops reading at the terminal) the request finished; before it, it was dropped.
+            if status == "error":
+                status = "dropped"
             raise
         finally:
             ctx.remove_stop_callback(self._on_stop)

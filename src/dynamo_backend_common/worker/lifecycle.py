@@ -16,6 +16,7 @@ if shutdown came first. A watchdog force-exits (70) past budget + 5 s; a second 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -316,6 +317,7 @@ class Worker:
         if payload is None:
             payload = await self.engine.health_check_payload()
         self._canary = payload
+        self._health = {"canary": "pending" if payload is not None else "disabled"}
         self._controls = list(await self.engine.supported_controls())
 
     async def _setup_kv_events(
@@ -466,10 +468,15 @@ class Worker:
             async def consume() -> int:
                 assert self._adapter is not None
                 n = 0
-                async for out in self._adapter.generate(request, Context(), {}):
-                    n += 1
-                    if out.finish_reason is not None:
-                        break
+                # Closed here, not left to garbage collection: the request must leave the
+                # tracker and the metrics when the canary ends.
+                async with contextlib.aclosing(
+                    self._adapter.generate(request, Context(), {})
+                ) as stream:
+                    async for out in stream:
+                        n += 1
+                        if out.finish_reason is not None:
+                            break
                 return n
 
             chunks = await asyncio.wait_for(consume(), self.config.health_check_timeout_secs)

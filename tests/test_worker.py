@@ -1,0 +1,355 @@
+"""The worker in-process: memory discovery and event plane, the real request plane and status
+server on 127.0.0.1, :class:`~tests.worker_engines.LifecycleEngine` recording what it is asked.
+(``tests/integration/test_worker_process.py`` runs the same worker as real processes.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynamo_backend_common import (
+    Context,
+    DynamoError,
+    FinishReason,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    StopConditions,
+)
+from dynamo_backend_common.config import DisaggregationMode, ShutdownConfig, WorkerConfig
+from dynamo_backend_common.errors import BackendError
+from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
+from dynamo_backend_common.runtime.transport import RequestPlaneClient
+from dynamo_backend_common.runtime.worker_metrics import WorkerMetrics
+from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, RequestTracker, Worker
+from tests.worker_engines import LifecycleEngine
+
+TIMEOUT = 10.0
+STAGES = ["unregister", "router_grace", "stop_admission", "inflight", "kv_transfer", "cleanup"]
+
+
+def config(**overrides: Any) -> WorkerConfig:
+    bus = uuid.uuid4().hex
+    values: dict[str, Any] = {
+        "discovery": f"memory://{bus}",
+        "events": f"memory://{bus}",
+        "status_port": 0,
+        "health_check_interval_secs": 3600.0,
+        "shutdown": ShutdownConfig(total_secs=10, router_grace_secs=0),
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+@asynccontextmanager
+async def serving(engine: LifecycleEngine, cfg: WorkerConfig | None = None,
+                  *, exit_code: int = 0) -> AsyncIterator[Worker]:
+    """A ready worker; shut down (and its exit code checked) on leaving the block."""
+    worker = Worker(engine, cfg or config())
+    task = asyncio.create_task(worker.run())
+    ready = asyncio.ensure_future(worker.ready.wait())
+    await asyncio.wait([ready, task], timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    assert worker.ready.is_set(), "worker not ready"
+    try:
+        yield worker
+    finally:
+        worker.request_shutdown("test")
+        assert await asyncio.wait_for(task, TIMEOUT) == exit_code
+
+
+def req(n: int, prompt: Sequence[int] = (1, 2, 3)) -> bytes:
+    return to_msgpack(PreprocessedRequest(token_ids=list(prompt),
+                                          stop_conditions=StopConditions(max_tokens=n)))
+
+
+async def collect(client: RequestPlaneClient, worker: Worker, payload: bytes,
+                  ctx: Context | None = None) -> list[LLMEngineOutput]:
+    assert worker.address is not None
+    return [from_msgpack(raw, LLMEngineOutput)
+            async for raw in client.stream(worker.address, "generate", payload, ctx)]
+
+
+def samples(worker: Worker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    assert worker.metrics is not None
+    out = {}
+    for fam in text_string_to_metric_families(worker.metrics.render().decode()):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def metric(worker: Worker, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    hits = [v for (n, lab), v in samples(worker).items() if n == name and want <= lab]
+    assert hits, f"{name}{labels} not rendered"
+    return sum(hits)
+
+
+async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
+    """For state with no event to wait on: re-check every loop turn, up to ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.005)
+
+
+class GatedEngine(LifecycleEngine):
+    """``start`` waits for :attr:`release` (so a test can look at the worker before ready)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self, worker_id: int) -> Any:
+        self.entered.set()
+        await self.release.wait()
+        return await super().start(worker_id)
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+async def test_health_is_503_before_ready_200_when_ready_503_once_shutdown_starts() -> None:
+    engine = GatedEngine()
+    engine.hold = asyncio.Event()
+    worker = Worker(engine, config())
+    task = asyncio.create_task(worker.run())
+    client = RequestPlaneClient()
+    try:
+        await asyncio.wait_for(engine.entered.wait(), TIMEOUT)
+        assert worker.status_port is not None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.status_port}",
+                                     trust_env=False) as http:
+            before = await http.get("/health")
+            assert before.status_code == 503 and before.json()["status"] == "notready"
+            assert (await http.get("/live")).status_code == 200
+            engine.release.set()
+            await asyncio.wait_for(worker.ready.wait(), TIMEOUT)
+            ready = await http.get("/health")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            # A request held in flight keeps the worker (and its status server) in shutdown.
+            held = asyncio.create_task(collect(client, worker, req(2)))
+            await until(lambda: engine.requests)
+            worker.request_shutdown("test")
+            during = await http.get("/health")
+            assert during.status_code == 503
+            assert during.json()["shutdown"] == "test"
+            engine.hold.set()
+            assert [c.finish_reason for c in await held][-1] == FinishReason.LENGTH
+    finally:
+        engine.release.set()
+        worker.request_shutdown("test")
+        assert await asyncio.wait_for(task, TIMEOUT) == 0
+        await client.close()
+
+
+async def test_failing_canary_marks_the_worker_unhealthy() -> None:
+    engine = LifecycleEngine()
+    cfg = config(health_check_payload={"token_ids": [666], "stop_conditions": {"max_tokens": 1}})
+    async with serving(engine, cfg) as worker:
+        await worker.run_canary()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.status_port}",
+                                     trust_env=False) as http:
+            health = await http.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["canary"] == "failed" and "token 666 is refused" in body["canary_error"]
+        # The canary went to the engine flagged as a health check.
+        assert engine.requests[-1].health_check is True
+
+
+async def test_passing_canary_is_counted_and_leaves_nothing_in_flight() -> None:
+    engine = LifecycleEngine(canary=True)
+    async with serving(engine) as worker:
+        await worker.run_canary()
+        before = metric(worker, "dynamo_component_requests_finished_total", status="success")
+        await worker.run_canary()
+        # Closed when the canary returns, and counted as the success it was (it stops reading
+        # at the terminal chunk: that is not a dropped request).
+        assert worker._tracker.inflight == 0
+        assert metric(worker, "dynamo_component_inflight_requests") == 0
+        after = metric(worker, "dynamo_component_requests_finished_total", status="success")
+        assert after == before + 1
+        assert metric(worker, "dynamo_component_requests_finished_total",
+                      status="cancelled") == 0
+
+
+async def test_consumer_stopping_at_the_terminal_chunk_counts_as_success() -> None:
+    engine = LifecycleEngine()
+    await engine.start(1)
+    metrics = WorkerMetrics(namespace="n", component="c", endpoint="e", worker_id="1",
+                            model="m")
+    tracker = RequestTracker()
+    adapter = EngineAdapter(engine, tracker=tracker, metrics=metrics)
+    request = PreprocessedRequest(token_ids=[1], stop_conditions=StopConditions(max_tokens=3))
+    stream = adapter.generate(request, Context())
+    async for out in stream:
+        if out.finish_reason is not None:
+            break
+    await stream.aclose()
+    text = metrics.render().decode()
+    assert re.search(r'requests_finished_total\{[^}]*status="success"[^}]*\} 1\.0', text), text
+    assert tracker.inflight == 0
+
+
+# -- engine controls --------------------------------------------------------------------------
+
+
+async def test_unknown_control_is_a_clear_invalid_argument() -> None:
+    async with serving(LifecycleEngine()) as worker:
+        assert await worker.control("echo", 5) == {"status": "ok", "echo": 5}
+        with pytest.raises(DynamoError) as err:
+            await worker.control("reboot", None)
+        assert err.value.kind is BackendError.InvalidArgument
+        assert err.value.message == (
+            "unknown engine control 'reboot'; supported: ['echo', 'stats']")
+        assert worker.address is not None
+        async with RequestPlaneClient() as client:
+            with pytest.raises(DynamoError) as wire:
+                async for _ in client.stream(worker.address, CONTROL_ENDPOINT,
+                                             to_msgpack({"control": "reboot"})):
+                    pass
+            assert wire.value.kind is BackendError.InvalidArgument
+            assert "unknown engine control 'reboot'" in wire.value.message
+            with pytest.raises(DynamoError) as bad:
+                async for _ in client.stream(worker.address, CONTROL_ENDPOINT, b"\xc1"):
+                    pass
+            assert bad.value.kind is BackendError.InvalidArgument
+            assert "bad control request" in bad.value.message
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+async def test_plain_connection_drop_never_calls_abort_but_explicit_stop_does() -> None:
+    engine = LifecycleEngine(delay_s=0.01)
+    async with serving(engine) as worker:
+        assert worker.address is not None
+        # Dropped: the connection closes mid-stream, no STOP.
+        client = RequestPlaneClient()
+        stream = client.stream(worker.address, "generate", req(10_000))
+        await anext(stream)
+        engine.finished.clear()
+        await client.close()
+        with pytest.raises(DynamoError) as err:
+            async for _ in stream:
+                pass
+        assert err.value.kind is BackendError.Disconnected
+        await asyncio.wait_for(engine.finished.wait(), TIMEOUT)  # generate was closed
+        # Explicitly stopped: abort exactly once.
+        ctx = Context()
+        async with RequestPlaneClient() as client2:
+            chunks: list[LLMEngineOutput] = []
+            async for raw in client2.stream(worker.address, "generate", req(10_000), ctx):
+                chunks.append(from_msgpack(raw, LLMEngineOutput))
+                ctx.stop_generating()
+        assert chunks[-1].finish_reason == FinishReason.CANCELLED
+    # After shutdown every abort the worker started has run.
+    assert [e for e in engine.events if e.startswith("abort")] == [f"abort {ctx.id}"]
+
+
+# -- decode mode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [DisaggregationMode.DECODE, DisaggregationMode.AGGREGATED])
+async def test_decode_mode_fires_the_first_token_signal(mode: DisaggregationMode) -> None:
+    engine = LifecycleEngine()
+    async with serving(engine, config(disaggregation_mode=mode)) as worker, \
+            RequestPlaneClient() as client:
+        ctx = Context()
+        await collect(client, worker, req(3), ctx)
+    if mode is DisaggregationMode.DECODE:
+        # Set by the framework on the first token-bearing chunk, before the engine resumed.
+        assert engine.first_token_seen == [(ctx.id, True, True)]
+    else:
+        assert engine.first_token_seen == [(ctx.id, False, None)]
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+async def test_request_metrics_count_success_cancelled_and_error() -> None:
+    engine = LifecycleEngine(delay_s=0.001)
+    async with serving(engine) as worker, RequestPlaneClient() as client:
+        assert metric(worker, "dynamo_component_requests_total") == 0
+        for _ in range(3):
+            assert len(await collect(client, worker, req(4))) == 4
+        ctx = Context()
+        ctx.stop_generating()  # stopped before it starts: a cancelled terminal at once
+        assert (await collect(client, worker, req(50), ctx))[-1].finish_reason == (
+            FinishReason.CANCELLED)
+        with pytest.raises(DynamoError):
+            await collect(client, worker, req(4, [666]))
+        assert metric(worker, "dynamo_component_requests_total") == 5
+        for status, n in (("success", 3), ("cancelled", 1), ("error", 1)):
+            got = metric(worker, "dynamo_component_requests_finished_total", status=status)
+            assert got == n, status
+        # Four 3-token prompts and the 1-token [666] one.
+        assert metric(worker, "dynamo_component_input_tokens_total") == 4 * 3 + 1
+        assert metric(worker, "dynamo_component_output_tokens_total") == 12
+        assert metric(worker, "dynamo_component_time_to_first_token_seconds_count") == 3
+        assert metric(worker, "dynamo_component_inter_token_latency_seconds_count") == 9
+        assert metric(worker, "dynamo_component_inflight_requests") == 0
+        assert metric(worker, "dynamo_component_model_load_time_seconds") > 0
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+async def test_shutdown_runs_every_stage_once_in_order(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dynamo_backend_common.worker")
+    engine = LifecycleEngine()
+    cfg = config(shutdown=ShutdownConfig(total_secs=10, router_grace_secs=0.01))
+    async with serving(engine, cfg) as worker:
+        pass
+    stages = [m.group(1) for r in caplog.records
+              if (m := re.match(r"shutdown stage (\w+) (\w+)", r.getMessage()))]
+    assert stages == STAGES
+    assert engine.events == ["start", "drain", "cleanup"]
+    recorded = {dict(lab)["stage"]: dict(lab)["reason"] for (n, lab) in samples(worker)
+                if n == "dynamo_component_shutdown_stage_seconds"}
+    assert recorded == dict.fromkeys(STAGES, "completed")
+
+
+async def test_shutdown_before_start_never_calls_start_or_cleanup() -> None:
+    engine = LifecycleEngine()
+    worker = Worker(engine, config())
+    worker.request_shutdown("early")
+    assert await asyncio.wait_for(worker.run(), TIMEOUT) == 0
+    assert engine.events == []
+
+
+async def test_failed_start_still_runs_cleanup_once_and_fails() -> None:
+    engine = LifecycleEngine(fail_start=True)
+    worker = Worker(engine, config())
+    assert await asyncio.wait_for(worker.run(), TIMEOUT) == 1
+    assert engine.events == ["start", "cleanup"]
+    assert not worker.ready.is_set()
+
+
+async def test_request_after_admission_closed_gets_worker_draining() -> None:
+    engine = LifecycleEngine()
+    engine.hold = asyncio.Event()
+    async with serving(engine) as worker, RequestPlaneClient() as client:
+        held = asyncio.create_task(collect(client, worker, req(3)))
+        await until(lambda: engine.requests)
+        worker.request_shutdown("test")
+        await until(lambda: not worker._tracker.accepting)
+        with pytest.raises(DynamoError) as err:
+            await collect(client, worker, req(3))
+        # EngineShutdown: the frontend retries it on another worker.
+        assert err.value.kind is BackendError.EngineShutdown
+        assert "not accepting" in err.value.message
+        engine.hold.set()
+        chunks = await asyncio.wait_for(held, TIMEOUT)
+        assert [t for c in chunks for t in c.token_ids] == [0, 1, 2]
+        assert len(engine.requests) == 1  # the refused one never reached the engine
