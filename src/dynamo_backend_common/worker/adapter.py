@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 from ..engine import GenerateContext, LLMEngine
@@ -68,7 +68,7 @@ class EngineAdapter:
         request: PreprocessedRequest,
         ctx: Context,
         metadata: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[LLMEngineOutput]:
+    ) -> AsyncGenerator[LLMEngineOutput, None]:
         """Run one request through the engine with admission, monitoring and accounting."""
         self.tracker.acquire()  # raises WorkerDraining once shutdown closed admission
         metrics = self.metrics
