@@ -353,3 +353,16 @@ async def test_request_after_admission_closed_gets_worker_draining() -> None:
         chunks = await asyncio.wait_for(held, TIMEOUT)
         assert [t for c in chunks for t in c.token_ids] == [0, 1, 2]
         assert len(engine.requests) == 1  # the refused one never reached the engine
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_engine_flags_that_prefix_a_worker_flag_reach_the_engine() -> None:
+    from dynamo_backend_common.cli import build_parser
+
+    args, unknown = build_parser().parse_known_args(
+        ["worker", "--engine", "echo", "--model", "Qwen/Qwen3-0.6B", "--event", "x",
+         "--namespace", "ns1"])
+    assert unknown == ["--model", "Qwen/Qwen3-0.6B", "--event", "x"]
+    assert args.model_path == "" and args.events == "" and args.namespace == "ns1"

@@ -270,7 +270,13 @@ def _bool(value: str) -> bool:
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the flags every worker shares (``CommonArgs``), each with its ``DYN_*`` fallback."""
+    """Add the flags every worker shares (``CommonArgs``), each with its ``DYN_*`` fallback.
+
+    Also turns off ``parser``'s abbreviation matching: flags the worker does not know belong to
+    the engine, and an engine flag that happens to prefix a worker flag (``--model`` of
+    ``--model-path``, ``--event`` of ``--events``) must reach the engine, not be taken silently.
+    """
+    parser.allow_abbrev = False
     g = parser.add_argument_group("worker (env fallback in brackets)")
     g.add_argument("--namespace", default=_env("DYN_NAMESPACE", "dynamo"),
                    help="discovery namespace [DYN_NAMESPACE] (default: %(default)s)")
