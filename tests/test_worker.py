@@ -366,3 +366,19 @@ def test_engine_flags_that_prefix_a_worker_flag_reach_the_engine() -> None:
          "--namespace", "ns1"])
     assert unknown == ["--model", "Qwen/Qwen3-0.6B", "--event", "x"]
     assert args.model_path == "" and args.events == "" and args.namespace == "ns1"
+
+
+async def test_shutdown_during_runtime_setup_never_starts_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = LifecycleEngine()
+    worker = Worker(engine, config())
+    setup = worker._start_runtime
+
+    async def setup_then_signal() -> None:
+        await setup()
+        worker.request_shutdown("SIGTERM")  # arrives while the runtime was being set up
+
+    monkeypatch.setattr(worker, "_start_runtime", setup_then_signal)
+    assert await asyncio.wait_for(worker.run(), TIMEOUT) == 0
+    assert engine.events == []

@@ -197,33 +197,13 @@ class Worker:
         exit_code = 0
         try:
             await self._start_runtime()
-            log.info("starting engine %s (worker_id=%x)", type(self.engine).__name__,
-                     self.worker_id)
-            t0 = time.perf_counter()
-            self._state = _State.RUNNING
-            try:
-                engine_cfg = await self.engine.start(self.worker_id)
-                if not isinstance(engine_cfg, EngineConfig):
-                    raise DynamoError.invalid_argument(
-                        f"start() must return EngineConfig, got {type(engine_cfg).__name__}"
-                    )
-                engine_cfg.validate()
-            except BaseException:
-                self._state = _State.START_FAILED
-                raise
-            self.engine_config = engine_cfg
-            load_time = time.perf_counter() - t0
-            log.info("engine started in %.2fs: model=%s", load_time, engine_cfg.model)
-            await self._setup_after_start(engine_cfg, load_time)
-            if not self._shutdown.is_set():
-                await self._register(engine_cfg)
-                log.info(
-                    "Serving %s on %s.%s.%s at %s",
-                    engine_cfg.display_name if not cfg.served_model_name
-                    else cfg.served_model_name,
-                    cfg.namespace, cfg.component, cfg.endpoint, self.address,
-                )
-                await self._wait_for_shutdown()
+            if self._shutdown.is_set():
+                # Runtime setup can take a moment (event plane connect): a signal that came
+                # meanwhile still came before start(), so the engine is neither started nor
+                # cleaned up.
+                log.info("shutdown requested before engine start; not starting the engine")
+            else:
+                await self._start_and_serve()
         except Exception as exc:
             log.error("worker failed: %s", exc, exc_info=not isinstance(exc, DynamoError))
             exit_code = 1
@@ -234,6 +214,37 @@ class Worker:
         if self._cleanup_abandoned and exit_code == 0:
             exit_code = 1
         return exit_code
+
+    async def _start_and_serve(self) -> None:
+        cfg = self.config
+        assert self.worker_id is not None
+        log.info("starting engine %s (worker_id=%x)", type(self.engine).__name__,
+                 self.worker_id)
+        t0 = time.perf_counter()
+        self._state = _State.RUNNING
+        try:
+            engine_cfg = await self.engine.start(self.worker_id)
+            if not isinstance(engine_cfg, EngineConfig):
+                raise DynamoError.invalid_argument(
+                    f"start() must return EngineConfig, got {type(engine_cfg).__name__}"
+                )
+            engine_cfg.validate()
+        except BaseException:
+            self._state = _State.START_FAILED
+            raise
+        self.engine_config = engine_cfg
+        load_time = time.perf_counter() - t0
+        log.info("engine started in %.2fs: model=%s", load_time, engine_cfg.model)
+        await self._setup_after_start(engine_cfg, load_time)
+        if not self._shutdown.is_set():
+            await self._register(engine_cfg)
+            log.info(
+                "Serving %s on %s.%s.%s at %s",
+                engine_cfg.display_name if not cfg.served_model_name
+                else cfg.served_model_name,
+                cfg.namespace, cfg.component, cfg.endpoint, self.address,
+            )
+            await self._wait_for_shutdown()
 
     async def _start_runtime(self) -> None:
         cfg = self.config
