@@ -3,6 +3,10 @@
 Subcommands:
 - ``worker --engine SPEC [worker flags] [-- engine flags]``: serve one engine as a worker.
 - ``conformance --engine SPEC [-- engine flags]``: run the conformance kit against an engine.
+- ``frontend [--host] [--port] [--discovery URL] [--events URL] [--router-mode MODE] ...``: the
+  OpenAI-compatible HTTP frontend for workers found through discovery (multi-machine setups).
+- ``run --engine SPEC [--model DIR] [--workers N] [--port P] [-- engine flags]``: the
+  one-command server: N worker subprocesses plus the frontend, on one machine.
 
 ``SPEC`` is ``echo``, ``mocker``, ``package.module:Class`` or ``path/to/file.py:Class``. Flags
 the worker does not know are passed to the engine's ``from_args(argv)`` classmethod when it has
@@ -18,7 +22,8 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from .engine import LLMEngine
 
@@ -104,12 +109,77 @@ def _cmd_conformance(args: argparse.Namespace, rest: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def _router_args(p: argparse.ArgumentParser) -> None:
+    from .frontend.routing import ROUTER_MODES
+
+    p.add_argument("--router-mode", default=os.environ.get("DYN_ROUTER_MODE", "round_robin"),
+                   choices=list(ROUTER_MODES),
+                   help="how requests pick a worker [DYN_ROUTER_MODE] (default: %(default)s)")
+    p.add_argument("--kv-overlap-weight", type=float, default=1.0,
+                   help="kv mode: weight of prefix-cache overlap against load "
+                        "(default: %(default)s)")
+    p.add_argument("--router-temperature", type=float, default=0.0,
+                   help="kv mode: softmax temperature over worker costs, 0 = always the best "
+                        "(default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("DYN_API_KEY") or None,
+                   help="require Authorization: Bearer KEY on /v1/* [DYN_API_KEY]")
+
+
+def _http_args(p: argparse.ArgumentParser, port_default: int) -> None:
+    p.add_argument("--host", default=os.environ.get("DYN_HTTP_HOST", "127.0.0.1"),
+                   help="HTTP bind host [DYN_HTTP_HOST] (default: %(default)s)")
+    p.add_argument("--port", type=int, default=port_default,
+                   help="HTTP port, 0 = ephemeral (default: %(default)s)")
+
+
+def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
+    from .frontend.launcher import serve_frontend
+    from .frontend.server import FrontendConfig
+    from .log_setup import configure_logging
+
+    if rest:
+        raise SystemExit(f"frontend: unknown arguments: {' '.join(rest)}")
+    configure_logging()
+    config = FrontendConfig(
+        host=args.host, port=args.port, discovery=args.discovery or None,
+        events=args.events or None, namespace=args.namespace or None,
+        router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
+        router_temperature=args.router_temperature, busy_threshold=args.busy_threshold,
+        api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    return _run_async(serve_frontend(config))
+
+
+def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    from .frontend.launcher import LocalRunConfig, run_local
+    from .log_setup import configure_logging
+
+    load_engine_class(args.engine)  # fail fast on a bad spec, before starting anything
+    configure_logging(os.environ.get("DYN_LOG") or "warning")
+    config = LocalRunConfig(
+        engine=args.engine, engine_args=rest, model=args.model,
+        served_model_name=args.served_model_name, workers=args.workers, host=args.host,
+        port=args.port, router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
+        router_temperature=args.router_temperature, api_key=args.api_key,
+        migration_limit=args.migration_limit, namespace=args.namespace,
+        start_timeout_s=args.start_timeout, worker_logs=args.worker_logs)
+    return _run_async(run_local(config))
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_worker_args
 
     parser = argparse.ArgumentParser(
         prog="dynamo-backend",
-        description="Serve LLM engines: workers, conformance checks.",
+        description="Serve LLM engines: workers, the OpenAI frontend, the one-command server, "
+        "conformance checks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     w = sub.add_parser(
@@ -131,6 +201,55 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--engine", required=True,
                    help="echo | mocker | package.module:Class | path/file.py:Class")
     c.set_defaults(func=_cmd_conformance)
+
+    f = sub.add_parser(
+        "frontend",
+        help="serve the OpenAI-compatible HTTP API for workers found through discovery",
+        description="OpenAI-compatible frontend (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, /live, /metrics). Workers register in discovery; models appear "
+        "and disappear with them.",
+    )
+    _http_args(f, int(os.environ.get("DYN_HTTP_PORT") or 8000))
+    f.add_argument("--discovery", default=os.environ.get("DYN_DISCOVERY", ""),
+                   help="discovery URL: file://[DIR] (default), etcd://HOST:PORT, memory:// "
+                        "[DYN_DISCOVERY]")
+    f.add_argument("--events", default=os.environ.get("DYN_EVENTS", ""),
+                   help="event plane URL for kv mode: zmq:// (default), nats://HOST:PORT "
+                        "[DYN_EVENTS]")
+    f.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", ""),
+                   help="only serve workers of this namespace (default: all) [DYN_NAMESPACE]")
+    _router_args(f)
+    f.add_argument("--busy-threshold", type=float, default=None,
+                   help="kv mode: skip workers whose KV usage is above this fraction")
+    f.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body accepted, 413 beyond (default: %(default)s)")
+    f.set_defaults(func=_cmd_frontend)
+
+    r = sub.add_parser(
+        "run",
+        help="one command: N workers plus the frontend on this machine",
+        description="Start N worker subprocesses for an engine and serve them through the "
+        "OpenAI-compatible frontend; prints the URL once every worker is ready. Arguments "
+        "after -- go to the engine.",
+    )
+    r.add_argument("--engine", required=True,
+                   help="echo | mocker | package.module:Class | path/file.py:Class")
+    r.add_argument("--model", default=None,
+                   help="model directory (HF layout: tokenizer.json, tokenizer_config.json); "
+                        "default: the bundled tiny model")
+    r.add_argument("--served-model-name", default=None,
+                   help="model name clients use (default: the model directory's name)")
+    r.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    _http_args(r, 8000)
+    _router_args(r)
+    r.add_argument("--migration-limit", type=int, default=3,
+                   help="times a broken stream may move to another worker (default: 3)")
+    r.add_argument("--namespace", default="dynamo", help=argparse.SUPPRESS)
+    r.add_argument("--start-timeout", type=float, default=60.0,
+                   help="seconds to wait for the workers to register (default: %(default)s)")
+    r.add_argument("--worker-logs", action="store_true",
+                   help="copy the workers' logs to stderr (always shown when one fails)")
+    r.set_defaults(func=_cmd_run)
     return parser
 
 

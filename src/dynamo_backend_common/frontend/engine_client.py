@@ -5,7 +5,8 @@
 - After tokens have flowed, a broken stream (``Disconnected`` / ``StreamIncomplete``) is moved to
   another worker up to ``migration_limit`` times: the new request's prompt is the original
   prompt plus every token already delivered, and ``max_tokens`` shrinks accordingly, so the
-  client sees one unbroken stream.
+  client sees one unbroken stream. The terminal chunk's usage is rebased onto the original
+  request (prompt = the original prompt, completion = all tokens of the stream).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import msgspec
 
 from ..errors import BackendError, DynamoError
 from ..protocols.codec import from_msgpack, to_msgpack
-from ..protocols.common import LLMEngineOutput, PreprocessedRequest, RoutingHints
+from ..protocols.common import LLMEngineOutput, PreprocessedRequest, RoutingHints, usage
 from ..runtime.context import Context
 from ..runtime.transport import RequestPlaneClient
 from .model_manager import ModelManager
@@ -87,11 +88,14 @@ class EngineClient:
                     worker.address, worker.endpoint, to_msgpack(sent), ctx,
                     headers={"x-request-id": ctx.id},
                 )
+                offset = len(delivered)  # tokens earlier attempts already delivered
                 try:
                     async for raw in stream:
                         out = from_msgpack(raw, LLMEngineOutput)
                         started = True
                         delivered.extend(out.token_ids)
+                        if offset and out.completion_usage is not None:
+                            out = _rebase_usage(out, len(request.token_ids), offset)
                         yield out
                         if out.finish_reason is not None:
                             return
@@ -136,6 +140,17 @@ def _with_target(
         backend_instance_id=instance_id,
         estimated_prefix_hit_num_blocks=routed.decision.overlap_blocks or None,
     )
+
+
+def _rebase_usage(out: LLMEngineOutput, prompt_len: int, offset: int) -> LLMEngineOutput:
+    """A migrated attempt's usage counts the delivered tokens as prompt; report them as the
+    client sees them: the original prompt, and every completion token of the whole stream."""
+    cu = out.completion_usage
+    assert cu is not None
+    fixed = usage(prompt_len, cu.completion_tokens + offset)
+    fixed.prompt_tokens_details = cu.prompt_tokens_details
+    fixed.completion_tokens_details = cu.completion_tokens_details
+    return msgspec.structs.replace(out, completion_usage=fixed)
 
 
 def _continuation(

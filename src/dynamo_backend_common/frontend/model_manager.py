@@ -90,6 +90,11 @@ class ModelManager:
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(ok), timeout)
 
+    async def wait_for(self, predicate: Callable[[], bool], *, timeout: float = 30.0) -> None:
+        """Wait until ``predicate()`` (checked after every change) is true."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
     async def _watch(self, prefix: str, kind: str) -> None:
         while True:
             try:

@@ -1,0 +1,312 @@
+"""Process-level entry points: ``dynamo-backend frontend`` and ``dynamo-backend run``.
+
+:func:`serve_frontend` runs a :class:`Frontend` behind an :class:`HttpServer` until SIGINT or
+SIGTERM. :func:`run_local` is the one-command server: it starts N worker subprocesses
+(``python -m dynamo_backend_common.cli worker ...``) sharing a private ``file://`` discovery
+directory, serves the frontend in-process once every worker registered, and prints
+``Serving MODEL at http://HOST:PORT/v1``. On SIGINT/SIGTERM it stops the HTTP server and the
+frontend, then SIGTERMs the workers and waits for them (SIGKILL after ``worker_stop_s``); a
+second signal kills the workers at once. A worker that exits early is reported with its last
+log lines; during start-up that aborts the run (exit 1), later the other workers keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model_dir import ModelDir, ModelDirError
+from .model_manager import WorkerEntry
+from .server import Frontend, FrontendConfig, HttpServer
+
+__all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
+
+_LOG_LINES = 40
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+async def _wait_for_signal(stop: asyncio.Event, on_second: Callable[[], None] | None = None
+                           ) -> list[signal.Signals]:
+    """Install SIGINT/SIGTERM handlers that set ``stop`` (the second calls ``on_second``)."""
+    loop = asyncio.get_running_loop()
+    seen: list[signal.Signals] = []
+
+    def handler(sig: signal.Signals) -> None:
+        seen.append(sig)
+        if len(seen) > 1 and on_second is not None:
+            on_second()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler, sig)
+    return seen
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(sig)
+
+
+async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set). Returns the exit code."""
+    stop = stop or asyncio.Event()
+    await _wait_for_signal(stop)
+    frontend = Frontend(config)
+    await frontend.start()
+    server = HttpServer(frontend.app, config.host, config.port)
+    try:
+        await server.start()
+        _say(f"Frontend serving OpenAI API at {server.url}/v1 (router: {config.router_mode}, "
+             f"discovery: {config.discovery or 'file://'})")
+        waiter = asyncio.ensure_future(stop.wait())
+        served = asyncio.ensure_future(server.wait())
+        await asyncio.wait({waiter, served}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        served.cancel()
+        _say("shutting down")
+    finally:
+        await server.stop()
+        await frontend.close()
+        _remove_signal_handlers()
+    return 0
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+    """Linux: the worker gets SIGTERM if this process dies without stopping it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class WorkerProcess:
+    """One worker subprocess; keeps its last log lines (stdout and stderr merged)."""
+
+    def __init__(self, index: int, total: int, argv: Sequence[str], *,
+                 echo_logs: bool = False) -> None:
+        self.index = index
+        self.total = total
+        self.argv = list(argv)
+        self.echo_logs = echo_logs
+        self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}/{self.total}"
+
+    async def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if self.echo_logs:
+                print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+
+    def last_lines(self) -> str:
+        return "\n".join(f"    {line}" for line in self.lines) or "    (no output)"
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader  # EOF follows exit: the last lines are in
+        return code
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.wait(), timeout)
+        except TimeoutError:
+            _say(f"{self.name} did not stop within {timeout:g}s; killing it")
+            self.signal(signal.SIGKILL)
+            return await self.wait()
+
+
+@dataclass
+class LocalRunConfig:
+    """``dynamo-backend run`` options."""
+
+    engine: str = "echo"
+    engine_args: list[str] = field(default_factory=list)
+    model: str | None = None
+    served_model_name: str | None = None
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router_mode: str = "round_robin"
+    kv_overlap_weight: float = 1.0
+    router_temperature: float = 0.0
+    api_key: str | None = None
+    migration_limit: int = 3
+    namespace: str = "dynamo"
+    start_timeout_s: float = 60.0
+    worker_stop_s: float = 30.0
+    worker_logs: bool = False
+
+
+def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str) -> list[str]:
+    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "worker",
+            "--engine", cfg.engine, "--model-path", str(model_dir),
+            "--served-model-name", name, "--discovery", discovery,
+            "--namespace", cfg.namespace, "--migration-limit", str(cfg.migration_limit),
+            "--graceful-shutdown-grace-secs", "0"]
+    if cfg.engine_args:
+        argv += ["--", *cfg.engine_args]
+    return argv
+
+
+async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -> int:
+    """The one-command server (see the module doc). Returns the exit code."""
+    from ..fixtures import tiny_model_dir
+
+    if cfg.workers < 1:
+        _say("--workers must be >= 1")
+        return 2
+    model_dir = Path(cfg.model) if cfg.model else tiny_model_dir()
+    try:
+        md = await asyncio.to_thread(ModelDir.load, model_dir)
+    except ModelDirError as exc:
+        _say(f"cannot use model directory: {exc}")
+        return 2
+    name = cfg.served_model_name or md.name
+    stop = stop or asyncio.Event()
+    procs: list[WorkerProcess] = []
+
+    def kill_all() -> None:
+        _say("second signal: killing workers")
+        for p in procs:
+            p.signal(signal.SIGKILL)
+
+    await _wait_for_signal(stop, kill_all)
+    tmp = tempfile.mkdtemp(prefix="dynamo-run-")
+    discovery = f"file://{tmp}"
+    frontend = Frontend(FrontendConfig(
+        host=cfg.host, port=cfg.port, discovery=discovery, namespace=cfg.namespace,
+        router_mode=cfg.router_mode, kv_overlap_weight=cfg.kv_overlap_weight,
+        router_temperature=cfg.router_temperature, api_key=cfg.api_key))
+    server: HttpServer | None = None
+    waits: dict[asyncio.Future[Any], WorkerProcess] = {}
+    code = 0
+    ready = 0
+
+    def on_worker(model: str, worker: WorkerEntry, added: bool) -> None:
+        nonlocal ready
+        if model == name and added and ready < cfg.workers:
+            ready += 1
+            _say(f"worker {ready}/{cfg.workers} ready (instance {worker.instance_id:x} at "
+                 f"{worker.address})")
+
+    try:
+        _say(f"starting {cfg.workers} worker{'s' if cfg.workers > 1 else ''} "
+             f"(engine {cfg.engine}, model {name} from {model_dir})...")
+        await frontend.start()
+        frontend.models.add_listener(on_worker)
+        for i in range(cfg.workers):
+            p = WorkerProcess(i + 1, cfg.workers, worker_argv(cfg, model_dir, name, discovery),
+                              echo_logs=cfg.worker_logs)
+            await p.start()
+            procs.append(p)
+            assert p.proc is not None
+            _say(f"{p.name} started (pid {p.proc.pid})")
+            waits[asyncio.ensure_future(p.wait())] = p
+
+        # Start-up: every worker registered, or one exits, or a signal, or the timeout.
+        ready_task = asyncio.ensure_future(frontend.wait_for_model(
+            name, workers=cfg.workers, timeout=cfg.start_timeout_s))
+        stop_task = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({ready_task, stop_task, *waits},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready_task not in done:
+            ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await ready_task
+            for t in done:
+                if t in waits:
+                    p = waits.pop(t)
+                    _say(f"{p.name} exited with code {t.result()} before it was ready; "
+                         f"last log lines:\n{p.last_lines()}")
+                    code = 1
+            return code
+        try:
+            ready_task.result()
+        except TimeoutError:
+            _say(f"workers not ready after {cfg.start_timeout_s:g}s; last log lines:\n" +
+                 "\n".join(f"  {p.name}:\n{p.last_lines()}" for p in procs))
+            return 1
+
+        server = HttpServer(frontend.app, cfg.host, cfg.port)
+        await server.start()
+        _say(f"Serving {name} at {server.url}/v1")
+
+        served = asyncio.ensure_future(server.wait())
+        while not stop.is_set():
+            done, _ = await asyncio.wait({stop_task, served, *waits},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if served in done:
+                _say("HTTP server stopped unexpectedly")
+                code = 1
+                break
+            for t in done:
+                if t in waits:
+                    p = waits.pop(t)
+                    _say(f"{p.name} exited with code {t.result()}; the other workers keep "
+                         f"serving. Last log lines:\n{p.last_lines()}")
+        served.cancel()
+        stop_task.cancel()
+        _say("shutting down: stopping the frontend")
+        return code
+    finally:
+        if server is not None:
+            await server.stop()
+        await frontend.close()
+        running = [p for p in procs if p.proc is not None and p.proc.returncode is None]
+        if running:
+            _say(f"stopping {len(running)} worker(s)...")
+            codes = await asyncio.gather(*(p.stop(cfg.worker_stop_s) for p in running))
+            for p, c in zip(running, codes, strict=True):
+                if c not in (0, -signal.SIGTERM):
+                    _say(f"{p.name} exited with code {c}; last log lines:\n{p.last_lines()}")
+        for t in waits:
+            t.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_signal_handlers()
+        _say("stopped")

@@ -1,0 +1,222 @@
+"""Builds OpenAI response bodies and SSE events from :class:`StreamDelta` s.
+
+:class:`ChatRenderer` and :class:`CompletionRenderer` share one interface, used by the HTTP
+layer for both streamed and unary responses:
+
+- ``start()``: the SSE events that open a stream (chat: the ``role`` chunk; completions with
+  ``echo``: the prompt text), possibly ``b""``.
+- ``event(delta)``: the SSE event for one delta (``b""`` when it adds nothing a client can see).
+- ``usage_event(usage)``: the final ``choices: []`` chunk of ``stream_options.include_usage``.
+- ``add(delta)`` / ``response(usage)``: accumulate deltas into one unary response body.
+
+Streams follow OpenAI: every chunk repeats ``id``, ``created`` and ``model``; the finish chunk
+carries an empty ``delta``; with ``include_usage`` every chunk has ``"usage": null`` and one last
+chunk with empty ``choices`` carries the usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+from msgspec import UNSET
+from tokenizers import Tokenizer
+
+from ..protocols.common import CompletionUsage
+from .openai_types import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+)
+from .postprocess import StreamDelta
+
+__all__ = ["DONE", "ChatRenderer", "CompletionRenderer", "Renderer", "sse"]
+
+DONE: Final = b"data: [DONE]\n\n"
+_encode = msgspec.json.Encoder().encode
+
+
+def sse(obj: Any) -> bytes:
+    """One ``data:`` event (JSON never contains a raw newline, so one line suffices)."""
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    text: str = tokenizer.decode([token_id], skip_special_tokens=False)
+    return text
+
+
+def _top(tokenizer: Tokenizer, entries: list[dict[str, Any]]) -> list[TopLogprob]:
+    out = []
+    for e in entries:
+        tok = e.get("token")
+        if not isinstance(tok, str):
+            tid = e.get("token_id")
+            tok = _token_text(tokenizer, tid) if isinstance(tid, int) else ""
+        lp = e.get("logprob")
+        out.append(TopLogprob(token=tok, logprob=float(lp) if lp is not None else 0.0,
+                              bytes=list(tok.encode())))
+    return out
+
+
+class _Base:
+    def __init__(self, rid: str, created: int, model: str, *, include_usage: bool,
+                 tokenizer: Tokenizer, logprobs: bool) -> None:
+        self.rid = rid
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self._chunk_usage: Any = None if include_usage else UNSET
+        self.text_parts: list[str] = []
+        self.finish_reason: str | None = None
+
+
+class ChatRenderer(_Base):
+    """``chat.completion`` / ``chat.completion.chunk`` bodies."""
+
+    def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
+                 tokenizer: Tokenizer, logprobs: bool = False) -> None:
+        super().__init__(rid, created, model, include_usage=include_usage,
+                         tokenizer=tokenizer, logprobs=logprobs)
+        self._lp: list[ChatTokenLogprob] = []
+
+    def _chunk(self, choice: list[ChunkChoice]) -> bytes:
+        return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
+                                       choices=choice, usage=self._chunk_usage))
+
+    def _logprobs(self, d: StreamDelta) -> list[ChatTokenLogprob]:
+        if not self.logprobs or d.log_probs is None:
+            return []
+        tops = d.top_logprobs or []
+        out = []
+        for i, (tid, lp) in enumerate(zip(d.token_ids, d.log_probs, strict=False)):
+            tok = _token_text(self.tokenizer, tid)
+            top = _top(self.tokenizer, tops[i]) if i < len(tops) else []
+            out.append(ChatTokenLogprob(token=tok, logprob=lp, bytes=list(tok.encode()),
+                                        top_logprobs=top))
+        return out
+
+    def start(self) -> bytes:
+        return self._chunk([ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])
+
+    def event(self, d: StreamDelta) -> bytes:
+        lp = self._logprobs(d)
+        out = b""
+        if d.text or lp:
+            out = self._chunk([ChunkChoice(
+                index=0, delta=ChatDelta(content=d.text),
+                logprobs=ChatChoiceLogprobs(content=lp) if lp else None)])
+        if d.finish_reason is not None:
+            out += self._chunk([ChunkChoice(index=0, delta=ChatDelta(),
+                                            finish_reason=d.finish_reason)])
+        return out
+
+    def usage_event(self, usage: CompletionUsage) -> bytes:
+        return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
+                                       choices=[], usage=Usage.from_completion_usage(usage)))
+
+    def add(self, d: StreamDelta) -> None:
+        if d.text:
+            self.text_parts.append(d.text)
+        if self.logprobs:
+            self._lp.extend(self._logprobs(d))
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+
+    def response(self, usage: CompletionUsage | None) -> ChatCompletion:
+        return ChatCompletion(
+            id=self.rid, created=self.created, model=self.model,
+            choices=[ChatChoice(
+                index=0,
+                message=ChatResponseMessage(content="".join(self.text_parts)),
+                logprobs=ChatChoiceLogprobs(content=self._lp) if self.logprobs else None,
+                finish_reason=self.finish_reason,
+            )],
+            usage=Usage.from_completion_usage(usage) if usage is not None else None,
+        )
+
+
+class CompletionRenderer(_Base):
+    """``text_completion`` bodies; ``echo_text`` (the prompt) is sent first when set."""
+
+    def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
+                 tokenizer: Tokenizer, logprobs: bool = False,
+                 echo_text: str | None = None) -> None:
+        super().__init__(rid, created, model, include_usage=include_usage,
+                         tokenizer=tokenizer, logprobs=logprobs)
+        self.echo_text = echo_text
+        self._lp = CompletionLogprobs() if logprobs else None
+        self._offset = len(echo_text) if echo_text else 0
+        if echo_text:
+            self.text_parts.append(echo_text)
+
+    def _chunk(self, text: str, finish: str | None, lp: CompletionLogprobs | None) -> bytes:
+        return sse(CompletionChunk(
+            id=self.rid, created=self.created, model=self.model,
+            choices=[CompletionChoice(index=0, text=text, logprobs=lp, finish_reason=finish)],
+            usage=self._chunk_usage))
+
+    def _logprobs(self, d: StreamDelta) -> CompletionLogprobs | None:
+        if not self.logprobs or d.log_probs is None:
+            return None
+        lp = CompletionLogprobs()
+        tops = d.top_logprobs or []
+        for i, (tid, p) in enumerate(zip(d.token_ids, d.log_probs, strict=False)):
+            tok = _token_text(self.tokenizer, tid)
+            lp.tokens.append(tok)
+            lp.token_logprobs.append(p)
+            lp.top_logprobs.append(
+                {t.token: t.logprob for t in _top(self.tokenizer, tops[i])} if i < len(tops)
+                else {})
+            lp.text_offset.append(self._offset)
+            self._offset += len(tok)
+        return lp
+
+    def start(self) -> bytes:
+        return self._chunk(self.echo_text, None, None) if self.echo_text else b""
+
+    def event(self, d: StreamDelta) -> bytes:
+        lp = self._logprobs(d)
+        if d.text or lp is not None or d.finish_reason is not None:
+            return self._chunk(d.text, d.finish_reason, lp)
+        return b""
+
+    def usage_event(self, usage: CompletionUsage) -> bytes:
+        return sse(CompletionChunk(id=self.rid, created=self.created, model=self.model,
+                                   choices=[], usage=Usage.from_completion_usage(usage)))
+
+    def add(self, d: StreamDelta) -> None:
+        if d.text:
+            self.text_parts.append(d.text)
+        lp = self._logprobs(d)
+        if lp is not None and self._lp is not None:
+            self._lp.tokens += lp.tokens
+            self._lp.token_logprobs += lp.token_logprobs
+            self._lp.top_logprobs += lp.top_logprobs
+            self._lp.text_offset += lp.text_offset
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+
+    def response(self, usage: CompletionUsage | None) -> Completion:
+        return Completion(
+            id=self.rid, created=self.created, model=self.model,
+            choices=[CompletionChoice(index=0, text="".join(self.text_parts), logprobs=self._lp,
+                                      finish_reason=self.finish_reason)],
+            usage=Usage.from_completion_usage(usage) if usage is not None else None,
+        )
+
+
+Renderer = ChatRenderer | CompletionRenderer

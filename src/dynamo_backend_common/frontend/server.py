@@ -1,0 +1,655 @@
+"""The OpenAI-compatible HTTP frontend: a Starlette app served by uvicorn.
+
+Routes:
+
+- ``POST /v1/chat/completions``, ``POST /v1/completions``: decode and validate the request,
+  preprocess it with the model's :class:`ModelDir` (chat template, tokenizer; loaded once per
+  model from the worker's ``card.source_path``), route it to a worker through the
+  :class:`EngineClient` (failover, migration), detokenize, apply stop strings, and answer with
+  one JSON body or an SSE stream ending in ``data: [DONE]``.
+- ``GET /v1/models``: the models discovery currently shows (a model appears with its first worker
+  and disappears with its last).
+- ``GET /health`` (200 ``{"status": "healthy", "models": {name: workers}, "instances": [...]}``
+  with each worker's address and status URL), ``GET /live``,
+  ``GET /metrics`` (Prometheus text; see :mod:`.metrics`).
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): bad JSON or an
+invalid parameter -> 400 naming the parameter; unknown model -> 404 ``model_not_found``; a prompt
+that does not fit the context -> 400 ``context_length_exceeded``; a body over
+``max_body_bytes`` -> 413; a missing or wrong ``Authorization: Bearer`` key (when ``api_key`` is
+set) -> 401 ``invalid_api_key``. Engine errors keep their :class:`BackendError` kind as ``code``:
+``InvalidArgument`` -> 400, ``CannotConnect``/``EngineShutdown``/``Cancelled`` -> 503,
+``Disconnected``/``StreamIncomplete`` -> 502, ``ResponseTimeout``/``ConnectionTimeout`` -> 504,
+anything else 500. An error after an SSE stream started is sent as a ``data: {"error": ...}``
+event followed by ``data: [DONE]``.
+
+Streams do not send headers until the engine produced its first chunk, so a request that fails
+before generating anything gets a real HTTP error status even when ``stream`` is true. A client
+that disconnects (streaming or not) stops the request: ``Context.stop_generating()`` reaches the
+worker as a STOP frame and the engine's ``abort`` runs there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..errors import BackendError, DynamoError
+from ..protocols.common import LLMEngineOutput
+from ..runtime.context import Context
+from ..runtime.discovery import Discovery, open_discovery
+from ..runtime.events import EventPlane, default_event_url, open_event_plane
+from .engine_client import EngineClient
+from .metrics import FrontendMetrics, RequestTimer
+from .model_dir import ModelDir, ModelDirError
+from .model_manager import ModelEntry, ModelManager
+from .openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelInfo,
+    ModelList,
+    RequestError,
+    decode_request,
+)
+from .postprocess import StreamDelta, StreamPostprocessor
+from .preprocess import Preprocessed, Preprocessor
+from .responses import DONE, ChatRenderer, CompletionRenderer, Renderer, sse
+from .routing import Router
+
+log = logging.getLogger("dynamo_backend_common.frontend")
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Frontend", "FrontendConfig", "HttpServer",
+           "dynamo_error_to_request_error"]
+
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+#: Bodies above this are preprocessed (template + tokenizer) in a thread, off the event loop.
+_OFFLOAD_BYTES: Final = 64 * 1024
+_encode = msgspec.json.Encoder().encode
+
+_KIND_STATUS: Final = {
+    BackendError.InvalidArgument: 400,
+    BackendError.CannotConnect: 503,
+    BackendError.EngineShutdown: 503,
+    BackendError.Cancelled: 503,
+    BackendError.Disconnected: 502,
+    BackendError.StreamIncomplete: 502,
+    BackendError.ResponseTimeout: 504,
+    BackendError.ConnectionTimeout: 504,
+    BackendError.Unknown: 500,
+}
+
+
+@dataclass
+class FrontendConfig:
+    """What ``dynamo-backend frontend`` configures (see ``docs/frontend.md``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Discovery URL (``file://`` default, ``etcd://HOST:PORT``, ``memory://NAME``).
+    discovery: str | None = None
+    #: Event plane URL, only used by ``router_mode="kv"`` (default: ``zmq://`` beside file or
+    #: etcd discovery, in-process beside memory discovery).
+    events: str | None = None
+    #: Only serve workers registered under this namespace (``None``: all).
+    namespace: str | None = None
+    router_mode: str = "round_robin"
+    kv_overlap_weight: float = 1.0
+    router_temperature: float = 0.0
+    busy_threshold: float | None = None
+    #: When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+def dynamo_error_to_request_error(exc: DynamoError) -> RequestError:
+    """The HTTP error for an engine/transport error: status by kind, ``code`` = the kind."""
+    status = _KIND_STATUS.get(exc.kind, 500)
+    return RequestError(
+        exc.message or exc.kind.value, status=status, code=exc.kind.value,
+        type="invalid_request_error" if status < 500 else "server_error")
+
+
+def _error_response(err: RequestError, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encode(err.to_response()), status_code=err.status,
+                    media_type="application/json", headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelState:
+    model_dir: ModelDir
+    preprocessor: Preprocessor
+
+
+class _Job:
+    """One generation request, from preprocessing to the last byte sent."""
+
+    __slots__ = ("ctx", "disconnected", "endpoint", "model", "post", "pre", "renderer",
+                 "response_done", "stream", "timer")
+
+    def __init__(self, *, model: str, endpoint: str, stream: bool, pre: Preprocessed,
+                 post: StreamPostprocessor, renderer: Renderer, ctx: Context,
+                 timer: RequestTimer) -> None:
+        self.model = model
+        self.endpoint = endpoint
+        self.stream = stream
+        self.pre = pre
+        self.post = post
+        self.renderer = renderer
+        self.ctx = ctx
+        self.timer = timer
+        self.disconnected = False
+        self.response_done = False
+
+
+class Frontend:
+    """Owns the serving stack (discovery watch, router, engine client, metrics) and the ASGI app.
+
+    ``await start()`` before serving :attr:`app`, ``await close()`` after. Pass ``discovery``
+    (and ``events``) objects to share them (tests, in-process setups); otherwise they are opened
+    from the config's URLs and owned (closed) by the frontend.
+    """
+
+    def __init__(
+        self,
+        config: FrontendConfig | None = None,
+        *,
+        discovery: Discovery | None = None,
+        events: EventPlane | None = None,
+    ) -> None:
+        self.config = config or FrontendConfig()
+        if self.config.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be > 0")
+        self._own_discovery = discovery is None
+        self.discovery = discovery or open_discovery(self.config.discovery)
+        self._own_events = events is None
+        self._events = events
+        self.metrics = FrontendMetrics()
+        self.models = ModelManager(self.discovery, namespace=self.config.namespace)
+        self.router: Router | None = None
+        self.client: EngineClient | None = None
+        self._states: dict[tuple[str, str | None], asyncio.Task[_ModelState]] = {}
+        self._api_key = (self.config.api_key or "").encode() or None
+        self._started = False
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/models", self._list_models, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                Route("/live", self._live, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception,
+                                Exception: self._unhandled},
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        if self._own_discovery:
+            await self.discovery.start()
+        if cfg.router_mode.strip().lower() == "kv" and self._events is None:
+            self._events = open_event_plane(cfg.events or default_event_url(self.discovery),
+                                            discovery=self.discovery)
+            await self._events.start()
+        await self.models.start()
+        self.router = Router(
+            self.models, cfg.router_mode, events=self._events,
+            overlap_weight=cfg.kv_overlap_weight, temperature=cfg.router_temperature,
+            busy_threshold=cfg.busy_threshold, registry=self.metrics.registry)
+        await self.router.start()
+        client = self.client = EngineClient(self.models, self.router)
+        self.metrics.bind(
+            lambda: {n: len(e.workers) for n, e in self.models.models.items()},
+            lambda: client.migrations)
+        self._started = True
+
+    async def close(self) -> None:
+        for task in self._states.values():
+            task.cancel()
+        await asyncio.gather(*self._states.values(), return_exceptions=True)
+        self._states.clear()
+        if self.client is not None:
+            await self.client.close()
+        if self.router is not None:
+            await self.router.close()
+        await self.models.close()
+        if self._events is not None and self._own_events:
+            await self._events.close()
+        if self._own_discovery:
+            await self.discovery.close()
+
+    async def wait_for_model(self, name: str, *, workers: int = 1,
+                             timeout: float = 30.0) -> None:
+        """Wait until ``name`` has ``workers`` workers and its model directory is loaded."""
+        await self.models.wait_for_model(name, workers=workers, timeout=timeout)
+        entry = self.models.models.get(name)
+        if entry is not None and entry.card.source_path:
+            await self.model_state(entry)
+
+    async def model_state(self, entry: ModelEntry) -> _ModelState:
+        """The model's tokenizer and preprocessor, loaded once (in a thread) per model dir.
+
+        Raises :class:`RequestError`: 400 ``model_not_supported`` when the card names no model
+        directory, 500 ``model_load_failed`` when the directory cannot be read here.
+        """
+        card = entry.card
+        if not card.source_path:
+            raise RequestError(
+                f"model {entry.name!r} was registered without a model directory (worker flag "
+                "--model-path), so this frontend has no tokenizer for it and cannot serve it "
+                "over the OpenAI routes",
+                code="model_not_supported", param="model")
+        key = (card.source_path, card.checksum)
+        task = self._states.get(key)
+        if task is None:
+            task = self._states[key] = asyncio.get_running_loop().create_task(
+                self._load(card.source_path, entry.name), name=f"load {card.source_path}")
+        try:
+            return await asyncio.shield(task)
+        except ModelDirError as exc:
+            if self._states.get(key) is task:
+                del self._states[key]  # retry on the next request (the dir may be fixed)
+            raise RequestError(
+                f"cannot load the model directory of {entry.name!r}: {exc}", status=500,
+                code="model_load_failed", type="server_error") from exc
+
+    @staticmethod
+    async def _load(path: str, name: str) -> _ModelState:
+        def load() -> _ModelState:
+            md = ModelDir.load(path, name=name)
+            return _ModelState(md, Preprocessor(md))
+
+        state = await asyncio.to_thread(load)
+        log.info("loaded model directory %s for %s", path, name)
+        return state
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _check_auth(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self._api_key):
+            raise RequestError("Incorrect or missing API key (send Authorization: Bearer KEY)",
+                               status=401, code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = RequestError(f"request body exceeds the limit of {limit} bytes", status=413,
+                               code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        parts: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_big
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error_response(RequestError(msg, status=exc.status_code, code=code),
+                               dict(exc.headers or {}))
+
+    async def _unhandled(self, request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(RequestError(f"internal error: {type(exc).__name__}: {exc}",
+                                            status=500, code="internal_error",
+                                            type="server_error"))
+
+    # -- routes -----------------------------------------------------------------------------
+    async def _live(self, request: Request) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def _health(self, request: Request) -> Response:
+        models = {n: len(e.workers) for n, e in self.models.models.items()}
+        instances = [
+            {"model": n, "instance_id": f"{w.instance_id:x}", "address": w.address,
+             "status_url": w.info.status_url}
+            for n, e in self.models.models.items() for w in e.workers.values()]
+        return JSONResponse({"status": "healthy" if self._started else "starting",
+                             "models": models, "instances": instances},
+                            status_code=200 if self._started else 503)
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _list_models(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as err:
+            return _error_response(err)
+        data = [ModelInfo(id=e.name, created=e.created)
+                for e in sorted(self.models.models.values(), key=lambda e: e.name)]
+        return Response(_encode(ModelList(data=data)), media_type="application/json")
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat_completions")
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: Request, endpoint: str) -> Response:
+        start = time.perf_counter()
+        chat = endpoint == "chat_completions"
+        stream = False
+        model_label = ""
+        try:
+            self._check_auth(request)
+            body = await self._body(request)
+            req: ChatCompletionRequest | CompletionRequest = (
+                decode_request(body, ChatCompletionRequest) if chat
+                else decode_request(body, CompletionRequest))
+            stream = req.stream
+            entry = self.models.models.get(req.model)
+            if entry is None:
+                raise RequestError(f"The model `{req.model}` does not exist (served: "
+                                   f"{sorted(self.models.models) or 'none yet'}).",
+                                   status=404, code="model_not_found", param="model")
+            model_label = entry.name
+            wanted = "Chat" if chat else "Completions"
+            if wanted not in entry.card.model_type:
+                raise RequestError(
+                    f"model {entry.name!r} does not serve {endpoint.replace('_', ' ')} "
+                    f"(it serves: {entry.card.model_type})",
+                    code="model_not_supported", param="model")
+            state = await self.model_state(entry)
+            pre = await self._preprocess(state.preprocessor, req, len(body))
+        except RequestError as err:
+            self.metrics.count(model_label, endpoint, stream, "error")
+            return _error_response(err)
+
+        ctx = Context(_request_id(request))
+        rid = ("chatcmpl-" if chat else "cmpl-") + ctx.id
+        created = int(time.time())
+        md = state.model_dir
+        include_usage = bool(stream and req.stream_options and req.stream_options.include_usage)
+        renderer: Renderer
+        if isinstance(req, ChatCompletionRequest):
+            renderer = ChatRenderer(rid, created, req.model, include_usage=include_usage,
+                                    tokenizer=md.tokenizer, logprobs=bool(req.logprobs))
+        else:
+            renderer = CompletionRenderer(
+                rid, created, req.model, include_usage=include_usage, tokenizer=md.tokenizer,
+                logprobs=req.logprobs is not None,
+                echo_text=pre.prompt if req.echo else None)
+        job = _Job(
+            model=model_label, endpoint=endpoint, stream=stream, pre=pre,
+            post=StreamPostprocessor.for_request(md, pre.request), renderer=renderer, ctx=ctx,
+            timer=self.metrics.request_started(model_label, pre.prompt_tokens, start))
+        return _GenerationResponse(self, job)
+
+    @staticmethod
+    async def _preprocess(pp: Preprocessor, req: ChatCompletionRequest | CompletionRequest,
+                          size: int) -> Preprocessed:
+        def run() -> Preprocessed:
+            if isinstance(req, ChatCompletionRequest):
+                return pp.preprocess_chat(req)
+            return pp.preprocess_completion(req)
+
+        # Templates and tokenizers are CPU work: keep long prompts off the event loop.
+        return await asyncio.to_thread(run) if size > _OFFLOAD_BYTES else run()
+
+    # -- generation -------------------------------------------------------------------------
+    async def deltas(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
+        """The job's engine stream through its postprocessor; ends at the finishing delta."""
+        assert self.client is not None
+        post = job.post
+        timer = job.timer
+        clock = time.perf_counter
+        stream = cast(AsyncGenerator[LLMEngineOutput, None],
+                      self.client.generate(job.model, job.pre.request, job.ctx))
+        try:
+            async for out in stream:
+                n = len(out.token_ids)
+                if n:
+                    timer.tokens(n, clock())
+                d = post.process(out)
+                yield d
+                if d.finish_reason is not None:
+                    return
+        finally:
+            await stream.aclose()
+
+    def finished(self, job: _Job, status: str) -> None:
+        self.metrics.request_finished(job.timer, job.model, job.endpoint, job.stream, status,
+                                      job.post.completion_tokens, time.perf_counter())
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id", "")
+    if rid and len(rid) <= 128 and rid.isprintable() and " " not in rid:
+        return rid
+    return uuid.uuid4().hex
+
+
+async def _watch_disconnect(receive: Receive, job: _Job) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not job.response_done:
+                job.disconnected = True
+                job.ctx.stop_generating()
+            return
+
+
+class _GenerationResponse(Response):
+    """Runs a :class:`_Job` while watching for the client leaving; answers JSON or SSE."""
+
+    def __init__(self, frontend: Frontend, job: _Job) -> None:
+        self.frontend = frontend
+        self.job = job
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job = self.job
+        status = "error"
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, job))
+        deltas = self.frontend.deltas(job)
+        try:
+            status = await (self._stream(deltas, send) if job.stream
+                            else self._unary(deltas, send))
+        except Exception:
+            log.exception("request %s failed", job.ctx.id)
+            if not job.response_done:
+                job.response_done = True
+                await _send_error(send, RequestError(
+                    "internal error while generating", status=500, code="internal_error",
+                    type="server_error"))
+        finally:
+            watcher.cancel()
+            await deltas.aclose()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if job.disconnected:
+                status = "cancelled"
+            self.frontend.finished(job, status)
+
+    async def _unary(self, deltas: AsyncIterator[StreamDelta], send: Send) -> str:
+        job = self.job
+        r = job.renderer
+        last: StreamDelta | None = None
+        try:
+            async for d in deltas:
+                r.add(d)
+                last = d
+                if job.ctx.is_stopped():
+                    return "cancelled"
+        except DynamoError as exc:
+            job.response_done = True
+            await _send_error(send, dynamo_error_to_request_error(exc))
+            return "error"
+        if last is None or last.finish_reason is None:
+            job.response_done = True
+            await _send_error(send, RequestError("the stream ended without a finish",
+                                                 status=502, code="StreamIncomplete",
+                                                 type="server_error"))
+            return "error"
+        if last.error is not None:
+            job.response_done = True
+            await _send_error(send, RequestError(last.error, status=500, code="engine_error",
+                                                 type="server_error"))
+            return "error"
+        body = _encode(r.response(last.usage))
+        job.response_done = True
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", job.ctx.id.encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+        return "success"
+
+    async def _stream(self, deltas: AsyncIterator[StreamDelta], send: Send) -> str:
+        job = self.job
+        r = job.renderer
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration:
+            first = None
+        except DynamoError as exc:
+            job.response_done = True
+            await _send_error(send, dynamo_error_to_request_error(exc))
+            return "error"
+        if first is not None and first.error is not None:
+            job.response_done = True
+            await _send_error(send, RequestError(first.error, status=500, code="engine_error",
+                                                 type="server_error"))
+            return "error"
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", job.ctx.id.encode()),
+        ]})
+        last = first
+        status = "success"
+        out = r.start()
+        try:
+            if first is not None:
+                out += self._event(first)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if first is not None and first.finish_reason is None:
+                async for d in deltas:
+                    if job.ctx.is_stopped():
+                        return "cancelled"
+                    last = d
+                    out = self._event(d)
+                    if out:
+                        await send({"type": "http.response.body", "body": out,
+                                    "more_body": True})
+            if last is None or last.finish_reason is None:
+                raise DynamoError(BackendError.StreamIncomplete,
+                                  "the stream ended without a finish")
+            if last.error is not None:
+                status = "error"
+            elif r.include_usage and last.usage is not None:
+                out = r.usage_event(last.usage)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        except DynamoError as exc:
+            if job.ctx.is_stopped():
+                return "cancelled"
+            status = "error"
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sse(dynamo_error_to_request_error(exc).to_response())})
+        job.response_done = True
+        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+        return status
+
+    def _event(self, d: StreamDelta) -> bytes:
+        if d.error is not None:
+            return sse(RequestError(d.error, status=500, code="engine_error",
+                                    type="server_error").to_response())
+        return self.job.renderer.event(d)
+
+
+async def _send_error(send: Send, err: RequestError) -> None:
+    body = _encode(err.to_response())
+    await send({"type": "http.response.start", "status": err.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: the owner of the process decides on shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class HttpServer:
+    """Serves an ASGI app with uvicorn on the current event loop.
+
+    The listening socket is bound in :meth:`start`, so :attr:`port` is the real port (also
+    with port 0) and clients may connect as soon as ``start`` returns. :meth:`stop` stops
+    accepting, lets in-flight responses finish for up to ``graceful_s`` seconds, then cancels
+    them. No signal handlers are installed.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                 graceful_s: float = 5.0, log_level: str = "warning") -> None:
+        self.host = host
+        self._requested_port = port
+        self.port = port
+        self._config = uvicorn.Config(
+            app, host=host, port=port, lifespan="off", log_level=log_level, access_log=False,
+            timeout_graceful_shutdown=int(max(1, graceful_s)), server_header=False,
+            ws="none", log_config=None)
+        self._server = _Uvicorn(self._config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self._requested_port), family=family,
+                                    backlog=2048)
+        self.port = int(sock.getsockname()[1])
+        self._task = asyncio.get_running_loop().create_task(
+            self._server.serve(sockets=[sock]), name="uvicorn")
+
+    async def wait(self) -> None:
+        """Until the server stops (or fails)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await self._task
+            finally:
+                self._task = None

@@ -1,0 +1,69 @@
+"""Engines for the frontend tests (loaded by worker subprocesses as ``path.py:Class``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from dynamo_backend_common import (
+    EngineConfig,
+    GenerateContext,
+    LLMEngine,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    chunk,
+    usage,
+)
+
+#: Ordinary (non-special) byte-level BPE tokens of the tiny model.
+FIRST_ID = 300
+SPAN = 200
+
+
+def positional_token(position: int) -> int:
+    """The token :class:`PositionalEngine` emits at absolute sequence ``position``."""
+    return FIRST_ID + position % SPAN
+
+
+class PositionalEngine(LLMEngine):
+    """Emits ``positional_token(len(sequence so far))``: the output depends only on positions,
+    so a stream continued elsewhere (migration: prompt + delivered tokens) is identical to an
+    unbroken one. ``--delay-ms`` between tokens; honours ``max_tokens`` and cancellation."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str]) -> PositionalEngine:
+        p = argparse.ArgumentParser()
+        p.add_argument("--delay-ms", type=float, default=0.0)
+        return cls(p.parse_args(list(argv)).delay_ms / 1000)
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        return EngineConfig(model="positional", context_length=2048)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        n = request.stop_conditions.max_tokens or 16
+        base = len(request.token_ids)
+        for i in range(n):
+            if self.delay_s:
+                try:
+                    async with asyncio.timeout(self.delay_s):
+                        await ctx.stopped()
+                except TimeoutError:
+                    pass
+            if ctx.is_stopped():
+                yield LLMEngineOutput.cancelled().with_usage(usage(base, i))
+                return
+            if i == n - 1:
+                yield (LLMEngineOutput.length().with_tokens([positional_token(base + i)])
+                       .with_usage(usage(base, n)))
+                return
+            yield chunk.token(positional_token(base + i))
+        yield LLMEngineOutput.length().with_usage(usage(base, 0))
+
+    async def cleanup(self) -> None:
+        pass

@@ -1,0 +1,179 @@
+"""The HTTP frontend in-process: uvicorn on 127.0.0.1 (port 0), workers in the same loop, memory
+discovery. Covers what the subprocess tests do not: the API key, models without a model
+directory, models coming and going, engine errors with their kind."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dynamo_backend_common import (
+    DynamoError,
+    EngineConfig,
+    GenerateContext,
+    LLMEngine,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    chunk,
+)
+from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
+from dynamo_backend_common.echo import EchoEngine
+from dynamo_backend_common.errors import BackendError
+from dynamo_backend_common.fixtures import tiny_model_dir
+from dynamo_backend_common.frontend.server import (
+    Frontend,
+    FrontendConfig,
+    HttpServer,
+    dynamo_error_to_request_error,
+)
+from dynamo_backend_common.runtime.discovery import open_discovery
+from dynamo_backend_common.worker import Worker
+
+
+class FailingEngine(LLMEngine):
+    """Raises a typed error: before any token for ``max_tokens`` 1, after two tokens else."""
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        return EngineConfig(model="failing", context_length=2048)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        if request.stop_conditions.max_tokens == 1:
+            raise DynamoError(BackendError.InvalidArgument, "temperature too spicy")
+        yield chunk.token(300)
+        yield chunk.token(301)
+        raise DynamoError(BackendError.Unknown, "engine fell over")
+
+    async def cleanup(self) -> None:
+        pass
+
+
+class Stack:
+    def __init__(self, **frontend: Any) -> None:
+        self.bus = uuid.uuid4().hex
+        self.frontend_options = frontend
+        self.workers: list[Worker] = []
+        self.tasks: list[asyncio.Task[int]] = []
+
+    async def __aenter__(self) -> Stack:
+        self.discovery = open_discovery(f"memory://{self.bus}")
+        await self.discovery.start()
+        self.frontend = Frontend(FrontendConfig(port=0, **self.frontend_options),
+                                 discovery=self.discovery)
+        await self.frontend.start()
+        self.server = HttpServer(self.frontend.app, "127.0.0.1", 0)
+        await self.server.start()
+        self.url = self.server.url
+        return self
+
+    async def add_worker(self, engine: LLMEngine, name: str, model_path: str = "") -> Worker:
+        cfg = WorkerConfig(discovery=f"memory://{self.bus}", events=f"memory://{self.bus}",
+                           served_model_name=name, model_path=model_path, status_port=None,
+                           shutdown=ShutdownConfig(total_secs=5, router_grace_secs=0))
+        worker = Worker(engine, cfg)
+        self.workers.append(worker)
+        self.tasks.append(asyncio.create_task(worker.run()))
+        await asyncio.wait_for(worker.ready.wait(), 10)
+        await self.frontend.models.wait_for_model(name, timeout=10)
+        return worker
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+        for w in self.workers:
+            w.request_shutdown("test")
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 20)
+        await self.frontend.close()
+        await self.discovery.close()
+
+
+async def test_api_key_guards_v1_routes_only() -> None:
+    async with Stack(api_key="s3cret") as st:
+        await st.add_worker(EchoEngine(), "echo", str(tiny_model_dir()))
+        async with httpx.AsyncClient(base_url=st.url, timeout=10) as h:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+                r = await h.get("/v1/models", headers=headers)
+                assert r.status_code == 401
+                assert r.json()["error"]["code"] == "invalid_api_key"
+            r = await h.post("/v1/completions", json={"model": "echo", "prompt": "x"})
+            assert r.status_code == 401
+            assert (await h.get("/health")).status_code == 200
+            assert (await h.get("/metrics")).status_code == 200
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="s3cret", max_retries=0)
+        r2 = await client.completions.create(model="echo", prompt="hello", max_tokens=2)
+        assert r2.usage is not None and r2.usage.completion_tokens == 2
+        bad = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.list()
+
+
+async def test_model_without_model_dir_gets_a_clear_error() -> None:
+    async with Stack() as st:
+        await st.add_worker(EchoEngine(), "bare")  # no --model-path
+        async with httpx.AsyncClient(base_url=st.url, timeout=10) as h:
+            r = await h.post("/v1/chat/completions", json={
+                "model": "bare", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "model_not_supported" and "--model-path" in err["message"]
+
+
+async def test_models_come_and_go_with_their_workers() -> None:
+    async with Stack() as st:
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        assert [m.id async for m in client.models.list()] == []
+        w = await st.add_worker(EchoEngine(), "echo-a", str(tiny_model_dir()))
+        assert [m.id async for m in client.models.list()] == ["echo-a"]
+        w.request_shutdown("test")
+        await asyncio.wait_for(st.tasks[0], 20)
+
+        await st.frontend.models.wait_for(lambda: "echo-a" not in st.frontend.models.models,
+                                          timeout=10)
+        assert [m.id async for m in client.models.list()] == []
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="echo-a", prompt="x")
+
+
+async def test_engine_errors_keep_their_kind() -> None:
+    async with Stack() as st:
+        await st.add_worker(FailingEngine(), "failing", str(tiny_model_dir()))
+        async with httpx.AsyncClient(base_url=st.url, timeout=10) as h:
+            r = await h.post("/v1/completions", json={"model": "failing", "prompt": "x",
+                                                      "max_tokens": 1})
+            assert r.status_code == 400
+            assert r.json()["error"]["code"] == "InvalidArgument"
+            assert "spicy" in r.json()["error"]["message"]
+            # Streaming: the error before the first token is still a real HTTP status.
+            r = await h.post("/v1/completions", json={"model": "failing", "prompt": "x",
+                                                      "max_tokens": 1, "stream": True})
+            assert r.status_code == 400
+            r = await h.post("/v1/completions", json={"model": "failing", "prompt": "x",
+                                                      "max_tokens": 5})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "Unknown"
+            # Mid-stream: an error event, then [DONE].
+            r = await h.post("/v1/completions", json={"model": "failing", "prompt": "x",
+                                                      "max_tokens": 5, "stream": True})
+            assert r.status_code == 200
+            events = [e for e in r.text.split("\n\n") if e]
+            assert '"code":"Unknown"' in events[-2] and events[-1] == "data: [DONE]"
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        stream = await client.completions.create(model="failing", prompt="x", max_tokens=5,
+                                                 stream=True)
+        with pytest.raises(openai.APIError, match="engine fell over"):
+            async for _ in stream:
+                pass
+
+
+def test_error_kind_to_status() -> None:
+    status = {k: dynamo_error_to_request_error(DynamoError(k, "m")).status for k in BackendError}
+    assert status[BackendError.InvalidArgument] == 400
+    assert status[BackendError.CannotConnect] == 503
+    assert status[BackendError.Disconnected] == 502
+    assert status[BackendError.ResponseTimeout] == 504
+    assert status[BackendError.Unknown] == 500
