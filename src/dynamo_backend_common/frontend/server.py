@@ -81,6 +81,8 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "Frontend", "FrontendConfig", "HttpServer",
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 #: Bodies above this are preprocessed (template + tokenizer) in a thread, off the event loop.
 _OFFLOAD_BYTES: Final = 64 * 1024
+#: Unsent SSE bytes of one stream above which generation waits for the client to read.
+_MAX_BACKLOG: Final = 1024 * 1024
 _encode = msgspec.json.Encoder().encode
 
 _KIND_STATUS: Final = {
@@ -140,8 +142,8 @@ class _ModelState:
 class _Job:
     """One generation request, from preprocessing to the last byte sent."""
 
-    __slots__ = ("ctx", "disconnected", "endpoint", "model", "post", "pre", "renderer",
-                 "response_done", "stream", "timer")
+    __slots__ = ("ctx", "disconnected", "endpoint", "headers_sent", "model", "post", "pre",
+                 "renderer", "response_done", "stream", "timer")
 
     def __init__(self, *, model: str, endpoint: str, stream: bool, pre: Preprocessed,
                  post: StreamPostprocessor, renderer: Renderer, ctx: Context,
@@ -155,6 +157,7 @@ class _Job:
         self.ctx = ctx
         self.timer = timer
         self.disconnected = False
+        self.headers_sent = False
         self.response_done = False
 
 
@@ -476,7 +479,7 @@ class _GenerationResponse(Response):
                             else self._unary(deltas, send))
         except Exception:
             log.exception("request %s failed", job.ctx.id)
-            if not job.response_done:
+            if not job.response_done and not job.headers_sent:
                 job.response_done = True
                 await _send_error(send, RequestError(
                     "internal error while generating", status=500, code="internal_error",
@@ -541,6 +544,7 @@ class _GenerationResponse(Response):
             await _send_error(send, RequestError(first.error, status=500, code="engine_error",
                                                  type="server_error"))
             return "error"
+        job.headers_sent = True
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -549,37 +553,34 @@ class _GenerationResponse(Response):
         ]})
         last = first
         status = "success"
-        out = r.start()
+        out = _Coalescer(send)
         try:
+            out.write(r.start())
             if first is not None:
-                out += self._event(first)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out.write(self._event(first))
             if first is not None and first.finish_reason is None:
                 async for d in deltas:
                     if job.ctx.is_stopped():
                         return "cancelled"
                     last = d
-                    out = self._event(d)
-                    if out:
-                        await send({"type": "http.response.body", "body": out,
-                                    "more_body": True})
+                    out.write(self._event(d))
+                    if out.backlog > _MAX_BACKLOG:
+                        await out.drained()
             if last is None or last.finish_reason is None:
                 raise DynamoError(BackendError.StreamIncomplete,
                                   "the stream ended without a finish")
             if last.error is not None:
                 status = "error"
             elif r.include_usage and last.usage is not None:
-                out = r.usage_event(last.usage)
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out.write(r.usage_event(last.usage))
         except DynamoError as exc:
             if job.ctx.is_stopped():
                 return "cancelled"
             status = "error"
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": sse(dynamo_error_to_request_error(exc).to_response())})
-        job.response_done = True
-        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+            out.write(sse(dynamo_error_to_request_error(exc).to_response()))
+        finally:
+            job.response_done = not job.ctx.is_stopped()
+            await out.close(DONE if job.response_done else b"")
         return status
 
     def _event(self, d: StreamDelta) -> bytes:
@@ -587,6 +588,63 @@ class _GenerationResponse(Response):
             return sse(RequestError(d.error, status=500, code="engine_error",
                                     type="server_error").to_response())
         return self.job.renderer.event(d)
+
+
+class _Coalescer:
+    """Sends SSE bytes as few ``http.response.body`` messages as possible, adding no latency.
+
+    :meth:`write` only appends to a buffer and wakes a sender task; the task runs when the
+    producer next waits (for the engine), so every event that was ready at once (a burst of
+    chunks on the request plane) goes out in one message, one ``write`` syscall. A producer
+    with a backlog over :data:`_MAX_BACKLOG` bytes (a slow reader) waits in :meth:`drained`.
+    """
+
+    __slots__ = ("_buf", "_closing", "_drained", "_send", "_task", "_wake")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._buf = bytearray()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def backlog(self) -> int:
+        return len(self._buf)
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+            self._wake.set()
+
+    async def drained(self) -> None:
+        self._drained.clear()
+        if self._buf and not self._task.done():
+            await self._drained.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            data, self._buf = bytes(self._buf), bytearray()
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            if not self._buf:
+                self._drained.set()
+
+    async def close(self, last: bytes) -> None:
+        """Stop the sender; send what is left plus ``last`` as the final body message."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await self._task
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+        await self._send({"type": "http.response.body", "body": bytes(self._buf) + last,
+                          "more_body": False})
 
 
 async def _send_error(send: Send, err: RequestError) -> None:
