@@ -1,4 +1,6 @@
-"""The README's engine example is real code: extract it, run the conformance kit on it."""
+"""The README's engine example is real code: extract it, run the conformance kit on it. The
+set-up commands are checked here too; the client snippets run against a real server in
+``tests/integration/test_frontend_server.py``."""
 
 from __future__ import annotations
 
@@ -9,8 +11,22 @@ from typing import Any
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def section(title: str) -> str:
+    """The README text under ``## title`` (up to the next ``## `` heading)."""
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end >= 0 else len(text)]
+
+
+def blocks(lang: str, title: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", section(title), flags=re.S)
+
+
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    # The engine example and its check; the set-up's client snippet needs a running server
+    # (tests/integration/test_frontend_server.py runs it).
+    return blocks("python", "Write an engine")
 
 
 def test_readme_has_engine_and_check_examples() -> None:
@@ -41,3 +57,9 @@ async def test_readme_engine_streams_reversed_prompt() -> None:
     assert outs[-1].finish_reason is not None and outs[-1].completion_usage is not None
     assert outs[-1].completion_usage.total_tokens == 6
     await engine.cleanup()
+
+
+def test_readme_set_up_is_two_commands_install_and_serve_then_test() -> None:
+    cmds = [b.strip() for b in blocks("bash", "Set-up") if not b.lstrip().startswith("curl")]
+    assert cmds == ["pip install -e '.[dev]' && dynamo-backend run --engine echo --workers 2",
+                    "python -m pytest"]

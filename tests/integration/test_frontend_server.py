@@ -3,9 +3,11 @@ subprocesses, the frontend in it), driven by the official ``openai`` client and 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +288,32 @@ def test_frontend_metrics_cover_requests_ttft_itl_and_tokens(server: RunServer,
     assert metric(text, "dynamo_frontend_inter_token_latency_seconds_count", model=MODEL) >= 1
     assert metric(text, "dynamo_frontend_output_tokens_total", model=MODEL) >= 4
     assert metric(text, "dynamo_frontend_model_workers", model=MODEL) == 2
+
+
+# ------------------------------------------------------------------------------ README
+
+
+def test_readme_client_snippets_work_as_written(server: RunServer,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        from test_readme import blocks
+    finally:
+        sys.path.pop(0)
+    readme_url = "http://127.0.0.1:8000/v1"
+    (snippet,) = blocks("python", "Set-up")
+    assert readme_url in snippet
+    exec(compile(snippet.replace(readme_url, server.url), "README.md", "exec"), {})
+    assert capsys.readouterr().out == "user\nHello there\n"
+    (curl,) = [b for b in blocks("bash", "Set-up") if b.startswith("curl")]
+    if shutil.which("curl") is None:
+        return
+    out = subprocess.run(["bash", "-c", curl.replace(readme_url, server.url)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    body = json.loads(out)
+    assert body["model"] == MODEL
+    assert body["choices"][0]["message"]["content"] == "user\nHello there"
+    assert body["choices"][0]["finish_reason"] == "stop"
 
 
 # ------------------------------------------------------------------------------ raw HTTP
