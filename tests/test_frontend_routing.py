@@ -186,8 +186,8 @@ async def test_kv_picks_the_longest_cached_prefix_when_loads_are_equal() -> None
         assert last is not None
         assert (last.worker.instance_id, last.decision.overlap_blocks) == (best, 6)
         assert last.decision.prompt_blocks == 10
-        # Cost = overlap_weight * blocks to prefill + decode blocks (all zero here).
-        assert last.decision.logits == {(i, 0): float(10 - n) for i, n in cached.items()}
+        # Cost = overlap_weight * blocks to prefill + blocks in use (none) + its own 10 blocks.
+        assert last.decision.logits == {(i, 0): float(10 - n + 10) for i, n in cached.items()}
         labels = {"model": MODEL, "worker_id": f"{best:x}", "dp_rank": "0"}
         assert _sample(registry, "dynamo_frontend_router_overlap_blocks_total", **labels) == 6
         assert _sample(registry, "dynamo_frontend_router_prompt_blocks_total", **labels) == 10
@@ -231,9 +231,9 @@ async def test_kv_avoids_a_loaded_worker_despite_its_cached_prefix(
             await stack.collect(MODEL, _request(prompt))
             last = stack.router.last
             assert last is not None and last.worker.instance_id == idle, last.decision
-            if why == "cost":  # busy: 0 blocks to prefill + >= 24 decode; idle: 10 + 0
-                assert last.decision.logits[(idle, 0)] == 10
-                assert last.decision.logits[(busy, 0)] >= 24
+            if why == "cost":  # busy: 0 to prefill + >= 24 in use + 10; idle: 10 + 0 + 10
+                assert last.decision.logits[(idle, 0)] == 20
+                assert last.decision.logits[(busy, 0)] >= 34
             else:  # the busy worker was not even a candidate
                 assert set(last.decision.logits) == {(idle, 0)}
         finally:

@@ -67,8 +67,8 @@ def test_equal_loads_longest_prefix_wins() -> None:
     d = router.select(PROMPT)
     assert d.worker == B
     assert (d.overlap_blocks, d.prompt_blocks, d.request_blocks) == (7, 10, 10)
-    # logit = weight * (prompt - overlap) + decode blocks
-    assert d.logits == {A: 7 + 50, B: 3 + 50, C: 5 + 50}
+    # logit = weight * (prompt - overlap) + decode blocks + the request's own 10 new blocks
+    assert d.logits == {A: 7 + 50 + 10, B: 3 + 50 + 10, C: 5 + 50 + 10}
 
 
 def test_partial_block_not_hashed_but_counted_as_load() -> None:
@@ -84,7 +84,7 @@ def test_overloaded_worker_avoided_despite_overlap() -> None:
     router.update_load(snapshot(B, used=10))
     d = router.select(PROMPT)
     assert d.worker == B and d.overlap_blocks == 0
-    assert d.logits[A] == 2 + 500 and d.logits[B] == 10 + 10
+    assert d.logits[A] == 2 + 500 + 10 and d.logits[B] == 10 + 10 + 10
     # With a light load the same overlap wins.
     router.update_load(snapshot(A, used=12))
     assert router.select(PROMPT).worker == A
@@ -96,7 +96,7 @@ def test_overlap_weight_zero_is_pure_load_balancing() -> None:
     router.update_load(snapshot(A, used=11))
     router.update_load(snapshot(B, used=10))
     d = router.select(PROMPT)
-    assert d.worker == B and d.logits == {A: 11, B: 10}
+    assert d.worker == B and d.logits == {A: 11 + 10, B: 10 + 10}
 
 
 def test_ties_broken_at_random_and_reproducibly() -> None:
@@ -109,11 +109,16 @@ def test_ties_broken_at_random_and_reproducibly() -> None:
     assert [again.select(PROMPT).worker for _ in range(300)] == picks
 
 
+def distinct(i: int) -> list[int]:
+    """A 10-block prompt sharing no block with PROMPT or another ``distinct(j)``."""
+    return [100_000 + i] + PROMPT[1:]
+
+
 def test_no_kv_events_behaves_like_least_loaded() -> None:
     router, _ = make_router(A, B, C)
     sent = []
-    for _ in range(30):
-        d = router.select(PROMPT)
+    for i in range(30):
+        d = router.select(distinct(i))
         router.request_started(d)
         sent.append(d)
     # 30 equal requests spread evenly by the router's own in-flight accounting.
@@ -136,7 +141,7 @@ def test_request_tracking_is_idempotent_and_snapshot_aware() -> None:
     # A snapshot taken after routing already counts the request: no double counting.
     router.update_load(snapshot(A, used=10))
     assert router.load(A).decode_blocks == 10
-    d2 = router.select(PROMPT, candidates=[A])
+    d2 = router.select(distinct(1), candidates=[A])
     router.request_started(d2)
     assert router.load(A).decode_blocks == 20  # snapshot + routed since
     router.request_finished(d2)
@@ -152,16 +157,37 @@ def test_request_tracking_is_idempotent_and_snapshot_aware() -> None:
 
 def test_burst_between_snapshots_is_spread() -> None:
     router, ids = make_router(A, B)
-    cache(router, ids, A, PROMPT)
+    cache(router, ids, A, PROMPT[: 8 * BS])
     router.update_load(snapshot(A, used=0))
     router.update_load(snapshot(B, used=0))
     workers = []
-    for _ in range(6):
-        d = router.select(PROMPT)
+    for i in range(10):  # a shared 8-block prefix, then 2 blocks of each request's own
+        d = router.select(PROMPT[: 8 * BS] + [200_000 + i] * 2 * BS)
         router.request_started(d)
         workers.append(d.worker)
-    assert workers[0] == A  # the cached one first
-    assert B in workers  # and not every request herds onto it before the next snapshot
+    # The cached one first, and for a while: it only adds 2 blocks per request (A's logits
+    # go 2+0+10, 2+10+2, 2+12+2, ... against B's 10+0+10) ...
+    assert workers[:4] == [A] * 4
+    # ... but not every request herds onto it before the next snapshot.
+    assert B in workers
+
+
+def test_shared_blocks_in_flight_count_once() -> None:
+    router, _ = make_router(A, B)
+    tails = [PROMPT[: 8 * BS] + [300_000 + i] * (2 * BS + 3) for i in range(3)]
+    sent = [router.select(t, candidates=[A]) for t in tails]
+    for d in sent:
+        router.request_started(d)
+    # 8 shared blocks once, plus 2 full and 1 partial block per request.
+    assert router.load(A).inflight_blocks == 8 + 3 * 3
+    assert router.load(A).inflight_requests == 3
+    # A request with the same prefix adds only its own blocks on A, all 11 on B.
+    d = router.select(PROMPT[: 8 * BS] + [400_000] * (2 * BS + 3))
+    assert d.logits[A] == 10 * 1 + 17 + 3  # prefill (no KV events) + in use + its own
+    assert d.logits[B] == 10 * 1 + 0 + 11
+    for d in sent:
+        router.request_finished(d)
+    assert router.load(A).inflight_blocks == 0 and router.load(A).inflight_requests == 0
 
 
 def test_temperature_samples_and_prefers_better_workers() -> None:

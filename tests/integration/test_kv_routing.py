@@ -87,23 +87,27 @@ async def test_kv_routing_across_processes(
             await models.wait_for_model(MODEL, timeout=TIMEOUT)
             (iid,) = models.models[MODEL].workers
             # Subscriptions reach publishers a moment after they are made (ZMQ's slow joiner,
-            # NATS's SUB round trip): send probe prompts until their KV events arrive.
+            # NATS's SUB round trip): send probe prompts until their KV events and a load
+            # snapshot arrive. (The mocker publishes a snapshot only when its state changed, so
+            # each probe must run for several steps: its blocks in use go up, then down.)
             deadline = time.monotonic() + TIMEOUT
             seed = 100
-            while router.events_applied == 0:
+
+            def heard() -> bool:
+                return router.events_applied > 0 and router.load((iid, 0)) is not None
+
+            while not heard():
                 assert time.monotonic() < deadline, log_path.read_text()[-3000:]
                 await generate(client, tokens(seed, 8))
                 seed += 1
                 with contextlib.suppress(TimeoutError):
-                    await router.wait_for(lambda: router.events_applied > 0, timeout=0.5)
+                    await router.wait_for(heard, timeout=0.5)
 
             prompt = tokens(1, 40)  # 10 blocks of 4 tokens
             hashes = block_hashes(prompt, 4)
             assert await generate(client, prompt) == 2
             await router.wait_for(
                 lambda: router.indexer.find_matches(hashes) == {(iid, 0): 10}, TIMEOUT)
-            # Load snapshots travel the same way.
-            await router.wait_for(lambda: router.load((iid, 0)) is not None, TIMEOUT)
             assert await generate(client, prompt) == 2
             last = router.last
             assert last is not None

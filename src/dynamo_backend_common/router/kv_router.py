@@ -4,15 +4,21 @@ Cost model (the shape of Dynamo's KV router, ``docs/design-docs/router-design.md
 candidate worker ``w``, in blocks::
 
     prefill_blocks(w) = prompt_blocks - overlap_blocks(w)      # blocks w must compute
-    decode_blocks(w)  = blocks w holds for running requests     # see WorkerLoad.decode_blocks
+    decode_blocks(w)  = blocks in use on w (WorkerLoad.decode_blocks)
+                        + request_blocks - active_prefix(w)    # the ones this request adds
     logit(w)          = overlap_score_weight * prefill_blocks(w) + decode_blocks(w)
 
-Lower is better. Temperature 0 picks the minimum (ties broken at random, so equal workers share
-the traffic); temperature ``T > 0`` samples from ``softmax(-normalised_logit / T)`` where logits
-are first scaled to ``[0, 1]`` by their min and max, as Dynamo does, so ``T`` means the same for
-any prompt length or load scale. Dynamo also adds the request's own blocks to every worker's
-decode term; that shifts every logit by the same amount, which changes neither the argmin nor
-the normalised softmax, so it is left out.
+Lower is better. ``overlap_blocks(w)`` is w's cached prefix of the prompt (from the indexer);
+``active_prefix(w)`` the part of the prompt's blocks already in use on w by requests this router
+has in flight there. Blocks in use are counted once however many requests share them (a shared
+system prompt occupies its blocks once), as the workers' own ``kv_used_blocks`` does; counting
+them per request would make a worker that serves many requests of one prefix look loaded
+exactly because it shares, and push its prefix's next requests elsewhere.
+
+Temperature 0 picks the minimum (ties broken at random, so equal workers share the traffic);
+temperature ``T > 0`` samples from ``softmax(-normalised_logit / T)`` where logits are first
+scaled to ``[0, 1]`` by their min and max, as Dynamo does, so ``T`` means the same for any
+prompt length or load scale.
 
 ``overlap_score_weight = 0`` ignores the cache (pure least-loaded); larger values favour prefix
 reuse (better TTFT) over spreading decode load (better ITL). With no KV events at all every
@@ -66,6 +72,8 @@ class RouteDecision:
     logits: dict[WorkerKey, float] = field(default_factory=dict)
     request_blocks: int = 0
     """Blocks the request occupies on its worker once admitted (prompt, partial block included)."""
+    block_hashes: Sequence[int] = ()
+    """The prompt's chained block hashes (full blocks), as used for the decision."""
     ticket: int = field(default_factory=lambda: next(_tickets))
 
 
@@ -75,8 +83,9 @@ class WorkerLoad:
 
     ``active_blocks`` / ``total_blocks`` / ``num_running`` / ``num_waiting`` come from the
     worker's latest :class:`LoadSnapshot` (``kv_used_blocks`` etc.). ``inflight_*`` count the
-    requests this router sent there that have not finished; ``pending_blocks`` is the part of
-    ``inflight_blocks`` routed after the latest snapshot, which that snapshot cannot reflect yet.
+    requests this router sent there that have not finished, their blocks counted once however
+    many of them share a block; ``pending_blocks`` is what requests routed after the latest
+    snapshot added to ``inflight_blocks``, which that snapshot cannot reflect yet.
     """
 
     active_blocks: int = 0
@@ -153,8 +162,11 @@ class KvRouter:
         self._rng = rng if rng is not None else random.Random()
         self._workers: dict[WorkerKey, None] = {}  # ordered set
         self._loads: dict[WorkerKey, WorkerLoad] = {}
-        # ticket -> (worker, request blocks, snapshot_seq of the worker when routed)
-        self._inflight: dict[int, tuple[WorkerKey, int, int]] = {}
+        # Per worker: block hash -> in-flight requests (routed here) whose prompt holds it. A
+        # chained hash implies its whole prefix, so each set is prefix-closed per prompt.
+        self._active: dict[WorkerKey, dict[int, int]] = {}
+        # ticket -> (decision, blocks it added, snapshot_seq of the worker when routed)
+        self._inflight: dict[int, tuple[RouteDecision, int, int]] = {}
 
     # -- membership and signals ----------------------------------------------------------------
     @property
@@ -170,8 +182,9 @@ class KvRouter:
         """``key`` left: forget its load, its in-flight requests and its indexed blocks."""
         self._workers.pop(key, None)
         self._loads.pop(key, None)
+        self._active.pop(key, None)
         self.indexer.remove_worker(key[0], key[1])
-        for ticket in [t for t, (w, _, _) in self._inflight.items() if w == key]:
+        for ticket in [t for t, (d, _, _) in self._inflight.items() if d.worker == key]:
             del self._inflight[ticket]
 
     def update_load(self, snapshot: LoadSnapshot) -> None:
@@ -244,9 +257,12 @@ class KvRouter:
                 cands = free
         weight = cfg.overlap_score_weight
         logits: dict[WorkerKey, float] = {}
+        active = self._active
         for k in cands:
             prefill = prompt_blocks - overlaps.get(k, 0)
-            logits[k] = weight * prefill + loads.get(k, empty).decode_blocks
+            act = active.get(k)
+            added = request_blocks - (_active_prefix(act, hashes) if act else 0)
+            logits[k] = weight * prefill + loads.get(k, empty).decode_blocks + added
 
         worker = self._choose(cands, logits)
         return RouteDecision(
@@ -255,6 +271,7 @@ class KvRouter:
             prompt_blocks=prompt_blocks,
             logits=logits,
             request_blocks=request_blocks,
+            block_hashes=hashes,
         )
 
     def _choose(self, cands: list[WorkerKey], logits: dict[WorkerKey, float]) -> WorkerKey:
@@ -280,8 +297,15 @@ class KvRouter:
         if decision.ticket in self._inflight:
             return
         load = self._load(decision.worker)
-        blocks = decision.request_blocks
-        self._inflight[decision.ticket] = (decision.worker, blocks, load.snapshot_seq)
+        active = self._active.setdefault(decision.worker, {})
+        # The partial last block (if any) is the request's own; full blocks may be shared.
+        blocks = decision.request_blocks - len(decision.block_hashes)
+        for h in decision.block_hashes:
+            n = active.get(h, 0)
+            if not n:
+                blocks += 1
+            active[h] = n + 1
+        self._inflight[decision.ticket] = (decision, blocks, load.snapshot_seq)
         load.inflight_requests += 1
         load.inflight_blocks += blocks
         load.pending_blocks += blocks
@@ -291,14 +315,24 @@ class KvRouter:
         entry = self._inflight.pop(decision.ticket, None)
         if entry is None:
             return
-        key, blocks, seq = entry
+        decision, added, seq = entry
+        key = decision.worker
         load = self._loads.get(key)
-        if load is None:
+        active = self._active.get(key)
+        if load is None or active is None:
             return
+        freed = decision.request_blocks - len(decision.block_hashes)
+        for h in decision.block_hashes:
+            n = active[h] - 1
+            if n:
+                active[h] = n
+            else:
+                del active[h]
+                freed += 1
         load.inflight_requests -= 1
-        load.inflight_blocks -= blocks
+        load.inflight_blocks -= freed
         if seq == load.snapshot_seq:  # routed after the latest snapshot: still pending there
-            load.pending_blocks -= blocks
+            load.pending_blocks = max(0, load.pending_blocks - added)
 
     def route(
         self, token_ids: Sequence[int], candidates: Sequence[WorkerKey] | None = None
@@ -307,6 +341,19 @@ class KvRouter:
         decision = self.select(token_ids, candidates)
         self.request_started(decision)
         return decision
+
+
+def _active_prefix(active: dict[int, int], hashes: Sequence[int]) -> int:
+    """How many leading ``hashes`` are in ``active``. A chained hash is only ever active
+    together with its whole prefix, so membership is monotone along the prompt: bisect."""
+    lo, hi = 0, len(hashes)  # hashes[:lo] are all active; hashes[hi:] none is
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hashes[mid] in active:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _busy(load: WorkerLoad, limit: float) -> bool:
