@@ -111,7 +111,7 @@ def test_ties_broken_at_random_and_reproducibly() -> None:
 
 def distinct(i: int) -> list[int]:
     """A 10-block prompt sharing no block with PROMPT or another ``distinct(j)``."""
-    return [100_000 + i] + PROMPT[1:]
+    return [100_000 + i, *PROMPT[1:]]
 
 
 def test_no_kv_events_behaves_like_least_loaded() -> None:
