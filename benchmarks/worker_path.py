@@ -1,0 +1,240 @@
+"""Per-token cost of the worker path, and how fast a client's stop reaches the engine.
+
+    python benchmarks/worker_path.py [--tokens 200000] [--streams 1,64] [--cancels 500]
+                                     [--loop uvloop|asyncio] [--no-validate]
+
+The engine costs nothing: it yields one-token chunks without awaiting, so every figure is
+framework overhead. Three paths, each at every concurrency level (``--streams``), ``--tokens``
+tokens per run split over the streams, best of 3 runs:
+
+- ``direct``: ``engine.generate(request, ctx)`` consumed in this process (the floor);
+- ``adapter``: the worker's :class:`EngineAdapter` (admission, cancellation monitor, stream
+  validator, metrics, first-token timing) plus msgpack encoding of every chunk, in-process;
+- ``worker``: a real :class:`Worker` in another process, streamed with
+  :class:`RequestPlaneClient` over TCP, each chunk decoded to ``LLMEngineOutput`` here (what a
+  frontend does). Both processes are busy, so its µs/token is wall time per token.
+
+Then cancellation: a request waits in the engine; the client calls ``ctx.stop_generating()``
+and we measure, on the system-wide monotonic clock, when the engine's ``await ctx.stopped()``
+woke, when ``engine.abort(ctx)`` was called, and when the cancelled terminal reached the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from dynamo_backend_common import (
+    EngineConfig,
+    GenerateContext,
+    LLMEngine,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    StopConditions,
+    chunk,
+)
+from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
+from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
+from dynamo_backend_common.runtime.context import Context
+from dynamo_backend_common.runtime.transport import RequestPlaneClient
+from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, RequestTracker, Worker
+
+PROBE = "probe"
+
+
+class ZeroCostEngine(LLMEngine):
+    """``max_tokens`` one-token chunks, no awaits. A request with ``extra_args={"probe": 1}``
+    yields one token, waits for ``ctx.stopped()``, and puts the wake-up time (monotonic ns) in
+    its cancelled terminal's ``text``; ``abort`` records its call time per request id."""
+
+    def __init__(self) -> None:
+        self.aborts: dict[str, int] = {}
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        return EngineConfig(model="zero")
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        if request.extra_args:
+            yield chunk.token(0)
+            await ctx.stopped()
+            woke = time.monotonic_ns()
+            yield msgspec.structs.replace(LLMEngineOutput.cancelled(), text=str(woke))
+            return
+        n = request.stop_conditions.max_tokens or 1
+        for i in range(n - 1):
+            yield chunk.token(i)
+        yield LLMEngineOutput.length().with_tokens([n - 1])
+
+    async def abort(self, ctx: Context) -> None:
+        self.aborts[ctx.id] = time.monotonic_ns()
+
+    async def cleanup(self) -> None:
+        return None
+
+    async def supported_controls(self) -> list[str]:
+        return ["abort_times"]
+
+    async def engine_control(self, control: str, body: Any) -> Any:
+        return self.aborts
+
+
+def _run(loop_kind: str, main: Awaitable[Any]) -> Any:
+    if loop_kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)  # type: ignore[arg-type]
+    return asyncio.run(main)  # type: ignore[arg-type]
+
+
+def serve(loop_kind: str, validate: bool, conn: Any) -> None:
+    """Worker process: serve :class:`ZeroCostEngine` until told to quit."""
+    os.environ["DYN_VALIDATE_STREAMS"] = "1" if validate else "0"
+
+    async def main() -> None:
+        bus = uuid.uuid4().hex
+        worker = Worker(ZeroCostEngine(), WorkerConfig(
+            discovery=f"memory://{bus}", events=f"memory://{bus}", status_port=None,
+            shutdown=ShutdownConfig(router_grace_secs=0, total_secs=5)))
+        task = asyncio.create_task(worker.run())
+        await worker.ready.wait()
+        conn.send(worker.address)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to quit
+        worker.request_shutdown("benchmark done")
+        await task
+
+    _run(loop_kind, main())
+
+
+def request(n: int, **extra: Any) -> PreprocessedRequest:
+    return PreprocessedRequest(token_ids=[1, 2, 3], stop_conditions=StopConditions(max_tokens=n),
+                               extra_args=extra or None)
+
+
+Consume = Callable[[int], Awaitable[int]]
+
+
+async def rate(consume: Consume, tokens: int, streams: int) -> float:
+    """Tokens per second with ``streams`` concurrent requests sharing ``tokens``."""
+    per = max(1, tokens // streams)
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(consume(per) for _ in range(streams)))
+    elapsed = time.perf_counter() - t0
+    assert all(c == per for c in counts), counts
+    return per * streams / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def bench(address: str, args: argparse.Namespace) -> None:
+    streams = [int(s) for s in args.streams.split(",")]
+    engine = ZeroCostEngine()
+    await engine.start(0)
+    adapter = EngineAdapter(engine, tracker=RequestTracker(), validate=args.validate)
+    client = RequestPlaneClient()
+
+    async def direct(n: int) -> int:
+        got = 0
+        async for out in engine.generate(request(n), GenerateContext(Context())):
+            got += len(out.token_ids)
+        return got
+
+    async def via_adapter(n: int) -> int:
+        got = 0
+        async for raw in adapter.handle(to_msgpack(request(n)), Context(), {}):
+            got += len(from_msgpack(raw, LLMEngineOutput).token_ids)
+        return got
+
+    async def via_worker(n: int) -> int:
+        got = 0
+        async for raw in client.stream(address, "generate", to_msgpack(request(n))):
+            got += len(from_msgpack(raw, LLMEngineOutput).token_ids)
+        return got
+
+    paths: list[tuple[str, Consume]] = [
+        ("direct", direct), ("adapter", via_adapter), ("worker", via_worker)]
+    for _, fn in paths:  # warm-up
+        await rate(fn, 5000, 8)
+
+    print(f"{'path':<8} {'streams':>7} {'tokens/s':>12} {'µs/token':>9} {'x direct':>9}")
+    for n in streams:
+        base = 0.0
+        for label, fn in paths:
+            best = max([await rate(fn, args.tokens, n) for _ in range(3)])
+            base = base or best
+            print(f"{label:<8} {n:>7} {best:>12,.0f} {1e6 / best:>9.2f} {base / best:>9.1f}")
+
+    woke: list[float] = []
+    aborted: dict[str, int] = {}
+    starts: dict[str, int] = {}
+    terminal: list[float] = []
+    for _ in range(args.cancels):
+        ctx = Context()
+        stream = client.stream(address, "generate", to_msgpack(request(2, probe=1)), ctx)
+        await anext(stream)
+        t0 = time.monotonic_ns()
+        ctx.stop_generating()
+        last = from_msgpack(await anext(stream), LLMEngineOutput)
+        t1 = time.monotonic_ns()
+        assert last.finish_reason is not None and last.text is not None
+        woke.append((int(last.text) - t0) / 1e3)
+        terminal.append((t1 - t0) / 1e3)
+        starts[ctx.id] = t0
+        await stream.aclose()
+    async for raw in client.stream(address, CONTROL_ENDPOINT,
+                                   to_msgpack({"control": "abort_times"})):
+        aborted = msgspec.msgpack.decode(raw)
+    abort_us = [(aborted[rid] - t0) / 1e3 for rid, t0 in starts.items()]
+    assert len(abort_us) == args.cancels, "every stop must reach engine.abort once"
+
+    print()
+    print(f"{'cancellation (µs), n=' + str(args.cancels):<34} {'p50':>8} {'p99':>8}")
+    for label, values in (
+        ("stop -> engine ctx.stopped() woke", woke),
+        ("stop -> engine.abort() called", abort_us),
+        ("stop -> cancelled terminal at client", terminal),
+    ):
+        print(f"{label:<34} {statistics.median(values):>8.1f} {pct(values, 0.99):>8.1f}")
+    await client.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    ap.add_argument("--tokens", type=int, default=200_000, help="tokens per run (all streams)")
+    ap.add_argument("--streams", default="1,64", help="comma-separated concurrency levels")
+    ap.add_argument("--cancels", type=int, default=500, help="cancellation samples")
+    ap.add_argument("--no-validate", dest="validate", action="store_false",
+                    help="turn the stream contract validator off (DYN_VALIDATE_STREAMS=0)")
+    args = ap.parse_args()
+
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(
+        target=serve, args=(args.loop, args.validate, child), daemon=True)
+    proc.start()
+    address = parent.recv()
+    print(f"python {sys.version.split()[0]}, loop={args.loop}, validator "
+          f"{'on' if args.validate else 'off'}, worker pid {proc.pid} at {address}")
+    try:
+        _run(args.loop, bench(address, args))
+    finally:
+        parent.send("quit")
+        proc.join(10)
+
+
+if __name__ == "__main__":
+    main()
