@@ -9,7 +9,9 @@ routing, the request plane, detokenization, SSE), then for each concurrency leve
 ``--requests`` streaming chat completions (``max_tokens`` tokens each, ``ignore_eos``) with
 that many in flight, from an httpx client in this process. Prints requests/s, output tokens/s,
 TTFT (request sent -> first content chunk) and ITL (gap between content chunks) p50 / p99, and
-saves the TTFT and ITL distributions as a PNG (``--plot``).
+saves the TTFT and ITL distributions as a PNG (``--plot``). The client is a minimal
+keep-alive HTTP/1.1 client (one connection per in-flight request), cheap enough not to starve
+the server on a small machine.
 
 The client shares the machine with the server: on a small machine the figures are a lower bound
 of what the server alone could do (``--workers`` competes for the same cores too).
@@ -30,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -74,56 +77,101 @@ def start_server(workers: int, extra: list[str]) -> tuple[subprocess.Popen[str],
     raise SystemExit("server did not start:\n" + "\n".join(lines))
 
 
-async def one(h: httpx.AsyncClient, url: str, model: str, max_tokens: int, lvl: Level) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+class Conn:
+    """A minimal keep-alive HTTP/1.1 client connection: POST a JSON body, read a chunked (SSE)
+    or sized response. httpx costs ~15 ms of client CPU per 64-token stream, which on a small
+    machine starves the server under test; this costs a fraction of that."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, asyncio.StreamReader, bool]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path.encode(), self.host.encode(), len(body))
+            + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        if not chunked:
+            n = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            await self.reader.readexactly(n)
+        return status, self.reader, chunked
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def one(conn: Conn, path: str, model: str, max_tokens: int, lvl: Level) -> None:
+    body = json.dumps({
+        "model": model, "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+        "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
     last = None
-    async with h.stream("POST", url + "/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            lvl.errors += 1
-            await r.aread()
-            return
-        # Light parsing, so the client (same machine) steals little CPU from the server: one
-        # timestamp per received read, content events found by substring, JSON only for usage.
-        tail = b""
-        async for raw in r.aiter_raw():
-            now = time.perf_counter()
-            events = (tail + raw).split(b"\n\n")
-            tail = events.pop()
-            for event in events:
-                if b'"delta":{"content":"' in event:
-                    if last is None:
-                        lvl.ttft.append(now - t0)
-                    else:
-                        lvl.itl.append(now - last)
-                    last = now
-                elif b'"usage":{' in event:
-                    lvl.tokens += json.loads(event[6:])["usage"]["completion_tokens"]
+    status, reader, chunked = await conn.post(path, body)
+    if status != 200 or not chunked:
+        lvl.errors += 1
+        return
+    # One timestamp per received chunk (events written together arrive together); content
+    # events found by substring, JSON parsed only for the usage event.
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            break
+        now = time.perf_counter()
+        for _ in range(data.count(b'"delta":{"content":"')):
+            if last is None:
+                lvl.ttft.append(now - t0)
+            else:
+                lvl.itl.append(now - last)
+            last = now
+        i = data.find(b'"usage":{')
+        if i >= 0:
+            event = data[data.rfind(b"data: ", 0, i) + 6:]
+            event = event[:event.index(b"\n")]
+            lvl.tokens += json.loads(event)["usage"]["completion_tokens"]
     lvl.requests += 1
 
 
 async def drive(url: str, model: str, concurrency: int, requests: int,
                 max_tokens: int) -> Level:
     lvl = Level(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as h:
+    parsed = httpx.URL(url)
+    path = parsed.path.rstrip("/") + "/chat/completions"
+    conns = [Conn(parsed.host, parsed.port or 80) for _ in range(concurrency)]
+    try:
         # Warm-up: connections, the tokenizer, the workers.
-        await asyncio.gather(*(one(h, url, model, 4, Level(0)) for _ in range(concurrency)))
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(requests):
-            queue.put_nowait(i)
+        await asyncio.gather(*(one(c, path, model, 4, Level(0)) for c in conns))
+        left = [requests]
 
-        async def loop() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                await one(h, url, model, max_tokens, lvl)
+        async def loop(conn: Conn) -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                await one(conn, path, model, max_tokens, lvl)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await asyncio.gather(*(loop(c) for c in conns))
         lvl.wall_s = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
     return lvl
+
+
+def run_loop(coro: Any) -> Level:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)  # type: ignore[no-any-return]
 
 
 def plot(levels: list[Level], path: str, title: str) -> None:
@@ -181,7 +229,7 @@ def main() -> int:
         print(f"{'conc':>5} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
               f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}")
         for c in levels:
-            lvl = asyncio.run(drive(url, model, c, max(args.requests, c), args.max_tokens))
+            lvl = run_loop(drive(url, model, c, max(args.requests, c), args.max_tokens))
             results.append(lvl)
             print(f"{c:>5} {lvl.requests / lvl.wall_s:>8.1f} {lvl.tokens / lvl.wall_s:>9.0f} "
                   f"{pct(lvl.ttft, 0.5) * 1e3:>7.2f}ms {pct(lvl.ttft, 0.99) * 1e3:>7.2f}ms "

@@ -353,7 +353,7 @@ class StreamPostprocessor:
         )
         if ids:
             visible = ids
-            if fr == FinishReason.EOS and ids[-1] in self._eos:
+            if fr is not None and fr == FinishReason.EOS and ids[-1] in self._eos:
                 visible = ids[:-1]
             text = self._detok.add(visible)
         else:

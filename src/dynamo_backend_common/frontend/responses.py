@@ -92,10 +92,20 @@ class ChatRenderer(_Base):
         super().__init__(rid, created, model, include_usage=include_usage,
                          tokenizer=tokenizer, logprobs=logprobs)
         self._lp: list[ChatTokenLogprob] = []
+        self._split: tuple[bytes, bytes] | None = None
 
     def _chunk(self, choice: list[ChunkChoice]) -> bytes:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
                                        choices=choice, usage=self._chunk_usage))
+
+    def _text_event(self, text: str) -> bytes:
+        # The per-token event: everything but the text is the same for the whole stream, so it
+        # is encoded once and the text spliced in (JSON escaping keeps the split unambiguous).
+        if self._split is None:
+            tmpl = self._chunk([ChunkChoice(index=0, delta=ChatDelta(content=""))])
+            i = tmpl.index(b'"content":""') + len(b'"content":')
+            self._split = (tmpl[:i], tmpl[i + 2:])
+        return self._split[0] + _encode(text) + self._split[1]
 
     def _logprobs(self, d: StreamDelta) -> list[ChatTokenLogprob]:
         if not self.logprobs or d.log_probs is None:
@@ -113,6 +123,8 @@ class ChatRenderer(_Base):
         return self._chunk([ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])
 
     def event(self, d: StreamDelta) -> bytes:
+        if d.finish_reason is None and not self.logprobs:
+            return self._text_event(d.text) if d.text else b""
         lp = self._logprobs(d)
         out = b""
         if d.text or lp:
@@ -158,12 +170,19 @@ class CompletionRenderer(_Base):
         super().__init__(rid, created, model, include_usage=include_usage,
                          tokenizer=tokenizer, logprobs=logprobs)
         self.echo_text = echo_text
+        self._split: tuple[bytes, bytes] | None = None
         self._lp = CompletionLogprobs() if logprobs else None
         self._offset = len(echo_text) if echo_text else 0
         if echo_text:
             self.text_parts.append(echo_text)
 
     def _chunk(self, text: str, finish: str | None, lp: CompletionLogprobs | None) -> bytes:
+        if finish is None and lp is None and text:
+            if self._split is None:  # see ChatRenderer._text_event
+                tmpl = self._chunk("", None, None)
+                i = tmpl.index(b'"text":""') + len(b'"text":')
+                self._split = (tmpl[:i], tmpl[i + 2:])
+            return self._split[0] + _encode(text) + self._split[1]
         return sse(CompletionChunk(
             id=self.rid, created=self.created, model=self.model,
             choices=[CompletionChoice(index=0, text=text, logprobs=lp, finish_reason=finish)],
