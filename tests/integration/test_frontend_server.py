@@ -33,8 +33,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 class RunServer:
     """``dynamo-backend run`` in a subprocess; output lines are collected by a thread."""
 
-    def __init__(self, *args: str) -> None:
-        self.argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--port", "0",
+    def __init__(self, *args: str, command: str = "run") -> None:
+        self.argv = [sys.executable, "-m", "dynamo_backend_common.cli", command, "--port", "0",
                      *args]
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
@@ -445,3 +445,42 @@ def test_a_worker_that_fails_at_start_is_reported_with_its_log() -> None:
     out = srv.output()
     assert "worker 1/1 exited with code 2 before it was ready" in out
     assert "--no-such-flag" in out  # the worker's own error message, from its log
+
+
+def test_frontend_command_serves_workers_found_through_discovery(tmp_path: Path) -> None:
+    """The multi-machine shape on one machine: a worker and ``dynamo-backend frontend`` as
+    separate processes that only share the discovery directory."""
+    discovery = f"file://{tmp_path}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_backend_common.cli", "worker", "--engine", "echo",
+         "--model-path", str(Path(__file__).resolve().parents[2] / "src" /
+                             "dynamo_backend_common" / "_data" / "tiny-model"),
+         "--served-model-name", "tiny", "--discovery", discovery,
+         "--graceful-shutdown-grace-secs", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    front = RunServer("--discovery", discovery, "--api-key", "k3y", command="frontend")
+    try:
+        line_re = re.compile(r"Frontend serving OpenAI API at (http://\S+/v1)")
+        front.proc = subprocess.Popen(front.argv, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=front._pump, daemon=True).start()
+        m = line_re.search(front.wait_for_line(lambda s: line_re.search(s) is not None, 30))
+        assert m is not None
+        c = openai.OpenAI(base_url=m.group(1), api_key="k3y", max_retries=0, timeout=30)
+        wait_until(lambda: [x.id for x in c.models.list()] == ["tiny"], 30,
+                   "the worker's model to appear")
+        r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=5)
+        assert r.usage is not None and r.usage.completion_tokens == 5
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=m.group(1), api_key="wrong", max_retries=0).models.list()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        wait_until(lambda: [x.id for x in c.models.list()] == [], 30,
+                   "the model to disappear with its worker")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        code = front.stop()
+    assert code == 0, front.output()
+    assert "shutting down" in front.output()

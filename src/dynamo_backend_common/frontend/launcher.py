@@ -72,7 +72,11 @@ async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None =
     await frontend.start()
     server = HttpServer(frontend.app, config.host, config.port)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            _say(f"cannot listen on {config.host}:{config.port}: {exc}")
+            return 1
         _say(f"Frontend serving OpenAI API at {server.url}/v1 (router: {config.router_mode}, "
              f"discovery: {config.discovery or 'file://'})")
         waiter = asyncio.ensure_future(stop.wait())
@@ -222,7 +226,7 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         host=cfg.host, port=cfg.port, discovery=discovery, namespace=cfg.namespace,
         router_mode=cfg.router_mode, kv_overlap_weight=cfg.kv_overlap_weight,
         router_temperature=cfg.router_temperature, api_key=cfg.api_key))
-    server: HttpServer | None = None
+    server = HttpServer(frontend.app, cfg.host, cfg.port)
     waits: dict[asyncio.Future[Any], WorkerProcess] = {}
     code = 0
     ready = 0
@@ -235,6 +239,11 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
                  f"{worker.address})")
 
     try:
+        try:  # fail before starting anything when the port is taken
+            server.bind()
+        except OSError as exc:
+            _say(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
+            return 1
         _say(f"starting {cfg.workers} worker{'s' if cfg.workers > 1 else ''} "
              f"(engine {cfg.engine}, model {name} from {model_dir})...")
         await frontend.start()
@@ -272,7 +281,6 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
                  "\n".join(f"  {p.name}:\n{p.last_lines()}" for p in procs))
             return 1
 
-        server = HttpServer(frontend.app, cfg.host, cfg.port)
         await server.start()
         _say(f"Serving {name} at {server.url}/v1")
 
@@ -294,8 +302,7 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         _say("shutting down: stopping the frontend")
         return code
     finally:
-        if server is not None:
-            await server.stop()
+        await server.stop()
         await frontend.close()
         running = [p for p in procs if p.proc is not None and p.proc.returncode is None]
         if running:

@@ -701,6 +701,7 @@ class HttpServer:
             timeout_graceful_shutdown=int(max(1, graceful_s)), server_header=False,
             ws="none", log_config=None)
         self._server = _Uvicorn(self._config)
+        self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -708,13 +709,22 @@ class HttpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def bind(self) -> None:
+        """Bind and listen now (idempotent); :attr:`port` is then final. Connections made
+        before :meth:`start` wait in the backlog."""
+        if self._sock is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self._sock = socket.create_server((self.host, self._requested_port),
+                                              family=family, backlog=2048)
+            self.port = int(self._sock.getsockname()[1])
+
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self._requested_port), family=family,
-                                    backlog=2048)
-        self.port = int(sock.getsockname()[1])
+        """Bind (unless :meth:`bind` was called) and start serving. Raises ``OSError`` when
+        the address cannot be bound."""
+        self.bind()
+        assert self._sock is not None
         self._task = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[sock]), name="uvicorn")
+            self._server.serve(sockets=[self._sock]), name="uvicorn")
 
     async def wait(self) -> None:
         """Until the server stops (or fails)."""
@@ -723,8 +733,11 @@ class HttpServer:
 
     async def stop(self) -> None:
         self._server.should_exit = True
-        if self._task is not None:
-            try:
+        try:
+            if self._task is not None:
                 await self._task
-            finally:
-                self._task = None
+        finally:
+            self._task = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
