@@ -382,3 +382,20 @@ async def test_shutdown_during_runtime_setup_never_starts_the_engine(
     monkeypatch.setattr(worker, "_start_runtime", setup_then_signal)
     assert await asyncio.wait_for(worker.run(), TIMEOUT) == 0
     assert engine.events == []
+
+
+def test_docs_flag_table_matches_the_worker_parser() -> None:
+    """docs/worker.md lists every worker flag with exactly the env vars its --help names."""
+    import argparse
+    from pathlib import Path
+
+    from dynamo_backend_common.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["worker"]
+    expected = {a.option_strings[0]: sorted(re.findall(r"DYN_\w+", a.help or ""))
+                for a in parser._actions if a.option_strings and a.dest != "help"}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "worker.md").read_text()
+    rows = re.findall(r"^\| `(--[\w-]+)` \| ([^|]*) \|", doc, re.MULTILINE)
+    documented = {flag: sorted(re.findall(r"DYN_\w+", env)) for flag, env in rows}
+    assert documented == expected

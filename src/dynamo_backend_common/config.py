@@ -327,7 +327,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="extra Prometheus label on worker metrics (repeatable)")
     g.add_argument("--graceful-shutdown-grace-secs", type=float, default=None,
                    help="time to keep serving after unregistering on SIGTERM "
-                        "[DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS] (default: 5)")
+                        "[DYN_WORKER_SHUTDOWN_ROUTER_GRACE_SECS, then "
+                        "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS] (default: 5)")
     return parser
 
 

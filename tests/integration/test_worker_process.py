@@ -325,17 +325,23 @@ async def test_failed_start_runs_cleanup_and_exits_nonzero(
     assert await open_discovery(url).get_prefix(INSTANCES_PREFIX) == {}
 
 
-# -- crash: etcd lease expiry -----------------------------------------------------------------
+# -- crash: lease expiry ----------------------------------------------------------------------
 
 
-async def test_sigkill_removes_the_etcd_entry_within_the_lease_ttl(
-    spawn: Callable[..., object], etcd_url: str
+@pytest.mark.parametrize("backend", ["etcd", "file"])
+async def test_sigkill_removes_the_entry_within_the_lease_ttl(
+    backend: str, spawn: Callable[..., object], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     ttl, namespace = 2.0, ns()
+    if backend == "etcd":
+        client_url = request.getfixturevalue("etcd_url")
+        url = etcd_form(client_url)
+    else:
+        client_url = url = f"file://{tmp_path / 'kv'}"
     worker: WorkerProcess = await spawn(  # type: ignore[misc]
-        "--engine", "echo", "--discovery", etcd_form(etcd_url), "--namespace", namespace,
+        "--engine", "echo", "--discovery", url, "--namespace", namespace,
         env={"DYN_DISCOVERY_TTL": str(ttl)})
-    disc = open_discovery(etcd_url)
+    disc = open_discovery(client_url)
     try:
         info = await wait_instance(disc, namespace, worker)
         key = f"{INSTANCES_PREFIX}{namespace}/backend/generate/{info.instance_id:x}"
@@ -348,8 +354,8 @@ async def test_sigkill_removes_the_etcd_entry_within_the_lease_ttl(
         gone_after = time.monotonic() - killed
         await watch.aclose()
         assert ev.kind == "delete" and ev.key == key
-        # Nothing deleted it but the lease: it expires at most one TTL after the last renewal
-        # (etcd checks expiry every ~0.5 s).
+        # Nothing deleted it but the lease: on etcd it expires at most one TTL after the last
+        # renewal (etcd checks expiry every ~0.5 s); file discovery sees the dead pid at once.
         assert gone_after <= ttl + 1.0, gone_after
         assert await disc.get_prefix(f"v1/mdc/{namespace}/") == {}
     finally:
