@@ -399,3 +399,28 @@ def test_docs_flag_table_matches_the_worker_parser() -> None:
     rows = re.findall(r"^\| `(--[\w-]+)` \| ([^|]*) \|", doc, re.MULTILINE)
     documented = {flag: sorted(re.findall(r"DYN_\w+", env)) for flag, env in rows}
     assert documented == expected
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+async def test_wildcard_bind_advertises_a_connectable_address() -> None:
+    import msgspec
+
+    from dynamo_backend_common.protocols.discovery import INSTANCES_PREFIX, InstanceInfo
+    from dynamo_backend_common.runtime.discovery import open_discovery
+
+    cfg = config(host="0.0.0.0", status_host="0.0.0.0")
+    async with serving(LifecycleEngine(), cfg) as worker, RequestPlaneClient() as client:
+        assert cfg.discovery is not None
+        entries = await open_discovery(cfg.discovery).get_prefix(INSTANCES_PREFIX)
+        (info,) = [msgspec.json.decode(v, type=InstanceInfo) for v in entries.values()]
+        host = info.address.rpartition(":")[0]
+        assert host not in ("0.0.0.0", "", "::")
+        assert info.status_url is not None and "0.0.0.0" not in info.status_url
+        chunks = [from_msgpack(raw, LLMEngineOutput)
+                  async for raw in client.stream(info.address, info.endpoint, req(2))]
+        assert [t for c in chunks for t in c.token_ids] == [0, 1]
+        async with httpx.AsyncClient(trust_env=False) as http:
+            assert (await http.get(info.status_url + "/live")).status_code == 200
+    assert worker.address is not None

@@ -307,8 +307,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=_env_int("DYN_TCP_RPC_PORT", 0),
                    help="request-plane port, 0 = ephemeral [DYN_TCP_RPC_PORT]")
     g.add_argument("--advertise-host", default=_env("DYN_TCP_RPC_ADVERTISE_HOST", ""),
-                   help="host frontends connect to, if not the bind host "
-                        "[DYN_TCP_RPC_ADVERTISE_HOST]")
+                   help="host advertised to frontends (and in the status URL); default: the "
+                        "bind host, or this machine's primary address when binding 0.0.0.0 "
+                        "or :: [DYN_TCP_RPC_ADVERTISE_HOST]")
     g.add_argument("--system-host", default=_env("DYN_SYSTEM_HOST", "127.0.0.1"),
                    help="status server host for /metrics /health /live [DYN_SYSTEM_HOST]")
     g.add_argument("--system-port", type=int, default=_env_int("DYN_SYSTEM_PORT", 0),

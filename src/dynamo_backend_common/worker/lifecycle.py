@@ -372,15 +372,16 @@ class Worker:
         cfg = self.config
         assert self._discovery is not None and self.worker_id is not None
         assert self._server is not None
-        advertise = cfg.advertise_host or self._server.address.rpartition(":")[0]
-        port = self._server.address.rpartition(":")[2]
+        bind_host, _, port = self._server.address.rpartition(":")
+        advertise = cfg.advertise_host or _reachable_host(bind_host)
         info = InstanceInfo(
             namespace=cfg.namespace,
             component=cfg.component,
             endpoint=cfg.endpoint,
             instance_id=self.worker_id,
             transport={"tcp": f"{advertise}:{port}/{cfg.endpoint}"},
-            status_url=(f"http://{cfg.status_host}:{self._status.port}"
+            status_url=(f"http://{_reachable_host(cfg.status_host, cfg.advertise_host)}:"
+                        f"{self._status.port}"
                         if self._status is not None else None),
         )
         card = self.build_model_card(engine_cfg)
@@ -668,6 +669,37 @@ class Worker:
             await _quietly(self._status.close())
         if self._discovery is not None:
             await _quietly(self._discovery.close())
+
+
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def _reachable_host(bind_host: str, advertise_host: str | None = None) -> str:
+    """The host to advertise for a server bound to ``bind_host``.
+
+    A wildcard bind (``0.0.0.0``, ``::``) is not an address anyone can connect to: advertise
+    ``advertise_host`` if given, else this machine's primary address (the source address of
+    the default route; no packet is sent), else its hostname's address, else loopback.
+    """
+    if bind_host not in _WILDCARDS:
+        return bind_host
+    if advertise_host:
+        return advertise_host
+    import socket
+
+    v6 = bind_host in ("::", "[::]")
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(("2001:db8::1" if v6 else "192.0.2.1", 9))  # TEST-NET: never routed
+            addr = str(s.getsockname()[0])
+    except OSError:
+        try:
+            addr = socket.gethostbyname(socket.gethostname())
+            v6 = False
+        except OSError:
+            addr = "::1" if v6 else "127.0.0.1"
+    return f"[{addr}]" if v6 else addr
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:
