@@ -143,27 +143,6 @@ class LifecycleEngine(LLMEngine):
         return {"status": "ok", "requests": len(self.requests), "events": list(self.events)}
 
 
-class ZeroCostEngine(LLMEngine):
-    """Yields ``max_tokens`` one-token chunks as fast as possible (no awaits between them)."""
-
-    async def start(self, worker_id: int) -> EngineConfig:
-        return EngineConfig(model="zero")
-
-    async def generate(
-        self, request: PreprocessedRequest, ctx: GenerateContext
-    ) -> AsyncIterator[LLMEngineOutput]:
-        n = request.stop_conditions.max_tokens or 1
-        for i in range(n - 1):
-            if ctx.is_stopped():
-                yield LLMEngineOutput.cancelled()
-                return
-            yield chunk.token(i)
-        yield LLMEngineOutput.length().with_tokens([n - 1])
-
-    async def cleanup(self) -> None:
-        return None
-
-
 async def _stopped_within(ctx: GenerateContext, seconds: float) -> bool:
     """Sleep ``seconds`` unless the context stops first; True if it stopped."""
     try:

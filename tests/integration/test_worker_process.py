@@ -410,6 +410,7 @@ async def test_metrics_and_health_of_a_serving_worker(
 
         assert value("dynamo_component_model_load_time_seconds") >= 0
         assert value("dynamo_component_cleanup_time_seconds") == 0  # not shut down yet
+        assert value("dynamo_component_drain_time_seconds") == 0
         # One request plus at least one canary went through the same adapter.
         assert value("dynamo_component_requests_total") >= 2
         assert value("dynamo_component_requests_finished_total", status="success") >= 2
