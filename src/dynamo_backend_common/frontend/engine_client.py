@@ -92,7 +92,9 @@ class EngineClient:
                 try:
                     async for raw in stream:
                         out = from_msgpack(raw, LLMEngineOutput)
-                        started = True
+                        if not started:
+                            started = True
+                            self.router.first_token(routed)
                         delivered.extend(out.token_ids)
                         if offset and out.completion_usage is not None:
                             out = _rebase_usage(out, len(request.token_ids), offset)

@@ -6,9 +6,10 @@ One :class:`Router` serves a frontend. It keeps one routing policy per model
 (KV events and load snapshots of every worker). A worker with ``data_parallel_size`` N is N
 routing targets ``(instance_id, rank)``; the chosen rank travels in ``request.routing.dp_rank``.
 
-Per request the :class:`EngineClient` calls :meth:`Router.route` then, once the attempt ends,
-:meth:`Router.finished` with what ``route`` returned; ``kv`` mode counts the request's blocks
-against its worker in between.
+Per request the :class:`EngineClient` calls :meth:`Router.route`, :meth:`Router.first_token`
+when the first token arrives, then, once the attempt ends, :meth:`Router.finished` with what
+``route`` returned; ``kv`` mode counts the request's prefill and blocks against its worker in
+between.
 
 KV index upkeep (``kv`` mode), one :class:`KvIndexer` for all models:
 
@@ -233,6 +234,10 @@ class Router:
     async def wait_for_events(self, count: int, timeout: float) -> None:
         """Wait until at least ``count`` KV events were applied (tests, warm-up)."""
         await self.wait_for(lambda: self.events_applied >= count, timeout)
+
+    def first_token(self, routed: Routed) -> None:
+        """The attempt ``routed`` produced its first token (its prefill is done)."""
+        routed.policy.prefill_done(routed.decision)
 
     def finished(self, routed: Routed) -> None:
         """The attempt ``routed`` ended (success, error or cancellation)."""

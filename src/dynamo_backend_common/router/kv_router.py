@@ -4,16 +4,21 @@ Cost model (the shape of Dynamo's KV router, ``docs/design-docs/router-design.md
 candidate worker ``w``, in blocks::
 
     prefill_blocks(w) = prompt_blocks - overlap_blocks(w)      # blocks w must compute
+                        + queued_prefill_blocks(w)             # and must compute first
     decode_blocks(w)  = blocks in use on w (WorkerLoad.decode_blocks)
                         + request_blocks - active_prefix(w)    # the ones this request adds
     logit(w)          = overlap_score_weight * prefill_blocks(w) + decode_blocks(w)
 
 Lower is better. ``overlap_blocks(w)`` is w's cached prefix of the prompt (from the indexer);
-``active_prefix(w)`` the part of the prompt's blocks already in use on w by requests this router
-has in flight there. Blocks in use are counted once however many requests share them (a shared
-system prompt occupies its blocks once), as the workers' own ``kv_used_blocks`` does; counting
-them per request would make a worker that serves many requests of one prefix look loaded
-exactly because it shares, and push its prefix's next requests elsewhere.
+``queued_prefill_blocks(w)`` the prefill still to do for requests this router sent to w that
+have not produced their first token (:meth:`KvRouter.prefill_done`; Dynamo's "active prefill
+tokens"): without it, requests arriving together (a closed loop whose requests finished
+together) would all pick the same least-loaded worker and queue behind each other's prefill.
+``active_prefix(w)`` is the part of the prompt's blocks already in use on w by requests this
+router has in flight there. Blocks in use are counted once however many requests share them (a
+shared system prompt occupies its blocks once), as the workers' own ``kv_used_blocks`` does;
+counting them per request would make a worker that serves many requests of one prefix look
+loaded exactly because it shares, and push its prefix's next requests elsewhere.
 
 Temperature 0 picks the minimum (ties broken at random, so equal workers share the traffic);
 temperature ``T > 0`` samples from ``softmax(-normalised_logit / T)`` where logits are first
@@ -97,6 +102,8 @@ class WorkerLoad:
     pending_blocks: int = 0
     snapshot_seq: int = 0
     """Number of snapshots received (0 = none yet)."""
+    prefill_blocks: int = 0
+    """Blocks still to prefill for requests routed here that have not produced a token."""
 
     @property
     def decode_blocks(self) -> int:
@@ -167,6 +174,8 @@ class KvRouter:
         self._active: dict[WorkerKey, dict[int, int]] = {}
         # ticket -> (decision, blocks it added, snapshot_seq of the worker when routed)
         self._inflight: dict[int, tuple[RouteDecision, int, int]] = {}
+        # ticket -> blocks to prefill, until the request's first token
+        self._prefilling: dict[int, int] = {}
 
     # -- membership and signals ----------------------------------------------------------------
     @property
@@ -186,6 +195,7 @@ class KvRouter:
         self.indexer.remove_worker(key[0], key[1])
         for ticket in [t for t, (d, _, _) in self._inflight.items() if d.worker == key]:
             del self._inflight[ticket]
+            self._prefilling.pop(ticket, None)
 
     def update_load(self, snapshot: LoadSnapshot) -> None:
         """Take a worker's load snapshot; it supersedes what was routed there before it."""
@@ -215,6 +225,7 @@ class KvRouter:
             load.inflight_blocks,
             load.pending_blocks,
             load.snapshot_seq,
+            load.prefill_blocks,
         )
 
     def _load(self, key: WorkerKey) -> WorkerLoad:
@@ -259,10 +270,11 @@ class KvRouter:
         logits: dict[WorkerKey, float] = {}
         active = self._active
         for k in cands:
-            prefill = prompt_blocks - overlaps.get(k, 0)
+            load = loads.get(k, empty)
+            prefill = prompt_blocks - overlaps.get(k, 0) + load.prefill_blocks
             act = active.get(k)
             added = request_blocks - (_active_prefix(act, hashes) if act else 0)
-            logits[k] = weight * prefill + loads.get(k, empty).decode_blocks + added
+            logits[k] = weight * prefill + load.decode_blocks + added
 
         worker = self._choose(cands, logits)
         return RouteDecision(
@@ -306,12 +318,25 @@ class KvRouter:
                 blocks += 1
             active[h] = n + 1
         self._inflight[decision.ticket] = (decision, blocks, load.snapshot_seq)
+        prefill = decision.prompt_blocks - decision.overlap_blocks
+        self._prefilling[decision.ticket] = prefill
+        load.prefill_blocks += prefill
         load.inflight_requests += 1
         load.inflight_blocks += blocks
         load.pending_blocks += blocks
 
+    def prefill_done(self, decision: RouteDecision) -> None:
+        """The request of ``decision`` produced its first token: its prefill no longer queues
+        ahead of others on its worker (idempotent; also implied by ``request_finished``)."""
+        prefill = self._prefilling.pop(decision.ticket, None)
+        if prefill:
+            load = self._loads.get(decision.worker)
+            if load is not None:
+                load.prefill_blocks -= prefill
+
     def request_finished(self, decision: RouteDecision) -> None:
         """The request of ``decision`` ended, however (idempotent; unknown tickets ignored)."""
+        self.prefill_done(decision)
         entry = self._inflight.pop(decision.ticket, None)
         if entry is None:
             return

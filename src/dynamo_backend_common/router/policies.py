@@ -3,7 +3,7 @@
 All three satisfy :class:`RoutingPolicy`, so the frontend drives them the same way: membership
 from discovery (``add_worker`` / ``remove_worker``), signals from the event plane
 (``apply_event`` / ``update_load``, ignored by the load-blind policies), and per request
-``select`` -> ``request_started`` -> ``request_finished``.
+``select`` -> ``request_started`` -> ``prefill_done`` (first token) -> ``request_finished``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class RoutingPolicy(Protocol):
         """The request was sent to ``decision.worker``."""
         ...
 
+    def prefill_done(self, decision: RouteDecision) -> None:
+        """The request produced its first token (its prompt is computed)."""
+        ...
+
     def request_finished(self, decision: RouteDecision) -> None:
         """The request ended (success, error or cancellation)."""
         ...
@@ -89,6 +93,9 @@ class _LoadBlind:
         return cands
 
     def request_started(self, decision: RouteDecision) -> None:
+        pass
+
+    def prefill_done(self, decision: RouteDecision) -> None:
         pass
 
     def request_finished(self, decision: RouteDecision) -> None:
