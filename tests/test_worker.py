@@ -424,3 +424,15 @@ async def test_wildcard_bind_advertises_a_connectable_address() -> None:
         async with httpx.AsyncClient(trust_env=False) as http:
             assert (await http.get(info.status_url + "/live")).status_code == 200
     assert worker.address is not None
+
+
+async def test_cleanup_overrunning_its_bound_is_abandoned_and_exits_1() -> None:
+    engine = LifecycleEngine(cleanup="hang")
+    cfg = config(shutdown=ShutdownConfig(total_secs=10, router_grace_secs=0,
+                                         cleanup_timeout_secs=0.2))
+    async with serving(engine, cfg, exit_code=1) as worker:
+        pass
+    assert engine.events == ["start", "drain", "cleanup"]
+    recorded = {dict(lab)["stage"]: dict(lab)["reason"] for (n, lab) in samples(worker)
+                if n == "dynamo_component_shutdown_stage_seconds"}
+    assert recorded["cleanup"] == "timed_out"

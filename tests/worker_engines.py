@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -51,12 +52,15 @@ class LifecycleEngine(LLMEngine):
         tokens: int = 8,
         fail_start: bool = False,
         canary: bool = False,
+        cleanup: str = "ok",
     ) -> None:
         self.events_file = events_file
         self.delay_s = delay_s
         self.tokens = tokens
         self.fail_start = fail_start
         self.canary = canary
+        #: ``ok``; ``hang``: cleanup awaits forever; ``block``: cleanup blocks the event loop.
+        self.cleanup_mode = cleanup
         self.events: list[str] = []
         self.requests: list[PreprocessedRequest] = []
         #: ``(request id, is_decode, first-token signal set after the first token chunk)``.
@@ -74,9 +78,10 @@ class LifecycleEngine(LLMEngine):
         p.add_argument("--tokens", type=int, default=8)
         p.add_argument("--fail-start", action="store_true")
         p.add_argument("--canary", action="store_true", help="offer a health-check payload")
+        p.add_argument("--cleanup", choices=["ok", "hang", "block"], default="ok")
         a = p.parse_args(argv)
         return cls(events_file=a.events_file, delay_s=a.delay_ms / 1e3, tokens=a.tokens,
-                   fail_start=a.fail_start, canary=a.canary)
+                   fail_start=a.fail_start, canary=a.canary, cleanup=a.cleanup)
 
     def record(self, line: str) -> None:
         self.events.append(line)
@@ -128,6 +133,10 @@ class LifecycleEngine(LLMEngine):
 
     async def cleanup(self) -> None:
         self.record("cleanup")
+        if self.cleanup_mode == "hang":
+            await asyncio.Event().wait()
+        elif self.cleanup_mode == "block":
+            time.sleep(3600)  # noqa: ASYNC251 - a synchronous teardown that never returns
 
     async def health_check_payload(self) -> dict[str, Any] | None:
         if not self.canary:

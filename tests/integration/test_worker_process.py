@@ -500,3 +500,49 @@ async def test_mocker_worker_publishes_kv_events_on_nats(
         finally:
             await client.close()
             await disc.close()
+
+
+# -- forced exits -----------------------------------------------------------------------------
+
+
+async def test_second_signal_exits_70_at_once(spawn: Callable[..., object], tmp_path: Path) -> None:
+    url, namespace = f"file://{tmp_path / 'kv'}", ns()
+    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+        "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
+        "--graceful-shutdown-grace-secs", "30")
+    disc = open_discovery(url)
+    try:
+        await wait_instance(disc, namespace, worker)
+        worker.send(signal.SIGTERM)
+        await worker.wait_line("shutdown stage unregister")  # now in its 30 s router grace
+        t0 = time.monotonic()
+        worker.send(signal.SIGINT)
+        assert await worker.wait_exit() == 70
+        assert time.monotonic() - t0 < 5
+        assert any("received again" in line for line in worker.lines)
+    finally:
+        await disc.close()
+
+
+async def test_watchdog_force_exits_70_when_shutdown_overruns_its_budget(
+    spawn: Callable[..., object], tmp_path: Path
+) -> None:
+    url, namespace, events = f"file://{tmp_path / 'kv'}", ns(), tmp_path / "events"
+    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+        "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
+        "--graceful-shutdown-grace-secs", "0",
+        "--", "--events-file", str(events), "--cleanup", "block",
+        env={"DYN_WORKER_SHUTDOWN_TOTAL_TIMEOUT_SECS": "0.5"})
+    disc = open_discovery(url)
+    try:
+        await wait_instance(disc, namespace, worker)
+        t0 = time.monotonic()
+        worker.send(signal.SIGTERM)
+        # cleanup() blocks the event loop: only the watchdog thread can end the process, at
+        # budget (0.5 s) + the 5 s cleanup reserve.
+        assert await worker.wait_exit() == 70
+        assert 5.0 <= time.monotonic() - t0 < 15
+        assert events_of(events)[-1] == "cleanup"
+        assert any("forcing exit" in line for line in worker.lines)
+    finally:
+        await disc.close()
