@@ -55,6 +55,25 @@ class FailingEngine(LLMEngine):
         pass
 
 
+class LogprobEngine(LLMEngine):
+    """Two tokens with log probabilities and two alternatives each."""
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        return EngineConfig(model="lp", context_length=2048)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        assert request.output_options.logprobs == 2
+        top = [[{"token_id": 300, "logprob": -0.1}, {"token_id": 301, "logprob": -2.5}]]
+        yield LLMEngineOutput(token_ids=[300], log_probs=[-0.1], top_logprobs=top)
+        yield LLMEngineOutput(token_ids=[301], log_probs=[-2.5], top_logprobs=top,
+                              finish_reason=LLMEngineOutput.length().finish_reason)
+
+    async def cleanup(self) -> None:
+        pass
+
+
 class Stack:
     def __init__(self, **frontend: Any) -> None:
         self.bus = uuid.uuid4().hex
@@ -168,6 +187,30 @@ async def test_engine_errors_keep_their_kind() -> None:
         with pytest.raises(openai.APIError, match="engine fell over"):
             async for _ in stream:
                 pass
+
+
+async def test_logprobs_are_rendered_for_chat_and_completions() -> None:
+    async with Stack() as st:
+        await st.add_worker(LogprobEngine(), "lp", str(tiny_model_dir()))
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        chat = await client.chat.completions.create(
+            model="lp", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+            top_logprobs=2)
+        lp = chat.choices[0].logprobs
+        assert lp is not None and lp.content is not None
+        assert [t.logprob for t in lp.content] == [-0.1, -2.5]
+        assert "".join(t.token for t in lp.content) == chat.choices[0].message.content
+        assert [len(t.top_logprobs) for t in lp.content] == [2, 2]
+        comp = await client.completions.create(model="lp", prompt="hi", logprobs=2)
+        clp = comp.choices[0].logprobs
+        assert clp is not None and clp.token_logprobs == [-0.1, -2.5]
+        assert clp.text_offset == [0, len(clp.tokens[0])]  # type: ignore[index]
+        stream = await client.chat.completions.create(
+            model="lp", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+            top_logprobs=2, stream=True)
+        got = [c.choices[0].logprobs.content for c in [x async for x in stream]
+               if c.choices and c.choices[0].logprobs is not None]
+        assert [t.logprob for part in got for t in part or []] == [-0.1, -2.5]
 
 
 def test_error_kind_to_status() -> None:

@@ -42,6 +42,7 @@ class RunServer:
         self.url = ""
         self.model = ""
         self.worker_pids: dict[int, int] = {}
+        self.eof = False
 
     def start(self) -> RunServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -76,6 +77,7 @@ class RunServer:
             except queue.Empty:
                 continue
             if line is None:
+                self.eof = True
                 raise AssertionError("the server exited; output:\n" + "\n".join(self.lines))
             self.lines.append(line)
             if pred(line):
@@ -95,12 +97,13 @@ class RunServer:
             self.proc.kill()
             code = self.proc.wait()
         # Drain what is left so the output is complete.
-        while True:
+        while not self.eof:
             try:
                 line = self._q.get(timeout=5)
             except queue.Empty:
                 break
             if line is None:
+                self.eof = True
                 break
             self.lines.append(line)
         return code
