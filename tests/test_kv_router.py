@@ -343,3 +343,16 @@ def test_queued_prefill_spreads_simultaneous_arrivals() -> None:
     router.prefill_done(first)
     router.request_finished(first)
     assert router.load(first.worker).prefill_blocks == 0
+
+
+def test_finished_request_frees_its_blocks_before_the_next_snapshot() -> None:
+    router, _ = make_router(A, B)
+    d = router.select(PROMPT, candidates=[A])
+    router.request_started(d)
+    router.update_load(snapshot(A, used=10))  # taken while d runs: it counts d's 10 blocks
+    assert router.load(A).decode_blocks == 10
+    router.request_finished(d)
+    # The snapshot is stale now: A is idle, so a next turn is not pushed to B.
+    assert router.load(A).decode_blocks == 0
+    router.update_load(snapshot(A, used=0))  # the next snapshot agrees
+    assert router.load(A).decode_blocks == 0

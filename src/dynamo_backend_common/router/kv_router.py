@@ -87,7 +87,8 @@ class WorkerLoad:
     """What the router knows about one worker's load.
 
     ``active_blocks`` / ``total_blocks`` / ``num_running`` / ``num_waiting`` come from the
-    worker's latest :class:`LoadSnapshot` (``kv_used_blocks`` etc.). ``inflight_*`` count the
+    worker's latest :class:`LoadSnapshot` (``kv_used_blocks`` etc.), less the blocks of requests
+    that ended since (as this router saw them end). ``inflight_*`` count the
     requests this router sent there that have not finished, their blocks counted once however
     many of them share a block; ``pending_blocks`` is what requests routed after the latest
     snapshot added to ``inflight_blocks``, which that snapshot cannot reflect yet.
@@ -358,6 +359,11 @@ class KvRouter:
         load.inflight_blocks -= freed
         if seq == load.snapshot_seq:  # routed after the latest snapshot: still pending there
             load.pending_blocks = max(0, load.pending_blocks - added)
+        else:
+            # A snapshot taken since counted its blocks; until the next one says so, assume
+            # they are free now (else a worker looks busy for a whole snapshot interval after
+            # its requests ended, and a conversation's next turn is sent elsewhere).
+            load.active_blocks = max(0, load.active_blocks - freed)
 
     def route(
         self, token_ids: Sequence[int], candidates: Sequence[WorkerKey] | None = None
