@@ -131,6 +131,10 @@ async def test_health_is_503_before_ready_200_when_ready_503_once_shutdown_start
                                      trust_env=False) as http:
             before = await http.get("/health")
             assert before.status_code == 503 and before.json()["status"] == "notready"
+            with pytest.raises(DynamoError) as starting:
+                await worker.control("echo", None)  # start() has not returned
+            assert starting.value.kind is BackendError.EngineShutdown
+            assert "starting" in starting.value.message
             assert (await http.get("/live")).status_code == 200
             engine.release.set()
             await asyncio.wait_for(worker.ready.wait(), TIMEOUT)
@@ -143,6 +147,11 @@ async def test_health_is_503_before_ready_200_when_ready_503_once_shutdown_start
             during = await http.get("/health")
             assert during.status_code == 503
             assert during.json()["shutdown"] == "test"
+            # Engine controls are closed too: the engine is about to drain and clean up.
+            control = await http.post("/engine/control", json={"control": "echo"})
+            assert control.status_code == 503
+            assert control.json()["kind"] == "EngineShutdown"
+            assert "shutting down" in control.json()["message"]
             engine.hold.set()
             assert [c.finish_reason for c in await held][-1] == FinishReason.LENGTH
     finally:

@@ -515,7 +515,15 @@ class Worker:
 
     # -- engine controls ------------------------------------------------------------------
     async def control(self, name: str, body: Any) -> Any:
-        """Dispatch one engine control; unknown names raise ``InvalidArgument``."""
+        """Dispatch one engine control; unknown names raise ``InvalidArgument``.
+
+        Only while the worker serves: before registration and once shutdown began it raises
+        ``EngineShutdown`` (the engine may not be started yet, or be draining or cleaned up).
+        """
+        if not self.ready.is_set() or self._shutdown.is_set():
+            state = "shutting down" if self._shutdown.is_set() else "starting"
+            raise DynamoError.engine_shutdown(
+                f"engine controls are unavailable while the worker is {state}")
         if name not in self._controls:
             raise DynamoError.invalid_argument(
                 f"unknown engine control {name!r}; supported: {sorted(self._controls)}"
@@ -540,7 +548,7 @@ class Worker:
         try:
             result = await self.control(req.control, req.body)
         except DynamoError as exc:
-            code = 400 if exc.kind.value == "InvalidArgument" else 500
+            code = {"InvalidArgument": 400, "EngineShutdown": 503}.get(exc.kind.value, 500)
             return code, "application/json", to_json(
                 {"status": "error", "message": exc.message, "kind": exc.kind.value})
         return 200, "application/json", to_json(result)
