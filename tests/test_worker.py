@@ -445,3 +445,16 @@ async def test_cleanup_overrunning_its_bound_is_abandoned_and_exits_1() -> None:
     recorded = {dict(lab)["stage"]: dict(lab)["reason"] for (n, lab) in samples(worker)
                 if n == "dynamo_component_shutdown_stage_seconds"}
     assert recorded["cleanup"] == "timed_out"
+
+
+async def test_canary_timeout_is_reported_and_leaves_nothing_in_flight() -> None:
+    engine = LifecycleEngine()
+    engine.hold = asyncio.Event()  # the canary never gets a token
+    cfg = config(health_check_payload={"token_ids": [1]}, health_check_timeout_secs=0.05)
+    async with serving(engine, cfg) as worker:
+        await worker.run_canary()
+        ok, details = await worker._health_check()
+        assert not ok
+        assert details["canary_error"] == "no terminal chunk within 0.05s"
+        assert worker._tracker.inflight == 0
+        engine.hold.set()

@@ -494,6 +494,11 @@ class Worker:
             chunks = await asyncio.wait_for(consume(), self.config.health_check_timeout_secs)
             self._health = {"canary": "ok", "canary_chunks": chunks,
                             "canary_ms": round((time.perf_counter() - started) * 1e3, 3)}
+        except TimeoutError:
+            timeout = self.config.health_check_timeout_secs
+            self._health = {"canary": "failed",
+                            "canary_error": f"no terminal chunk within {timeout}s"}
+            log.warning("health canary failed: no terminal chunk within %ss", timeout)
         except DynamoError as exc:
             if exc.kind.value == "EngineShutdown":
                 return
