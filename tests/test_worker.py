@@ -458,3 +458,21 @@ async def test_canary_timeout_is_reported_and_leaves_nothing_in_flight() -> None
         assert details["canary_error"] == "no terminal chunk within 0.05s"
         assert worker._tracker.inflight == 0
         engine.hold.set()
+
+
+class SlowAbortEngine(LifecycleEngine):
+    async def abort(self, ctx: Context) -> None:
+        self.record("abort started")
+        await asyncio.sleep(0.2)  # e.g. an RPC to the engine's scheduler
+        self.record("abort done")
+
+
+async def test_cleanup_waits_for_abort_calls_still_running() -> None:
+    engine = SlowAbortEngine(delay_s=0.01)
+    async with serving(engine) as worker, RequestPlaneClient() as client:
+        ctx = Context()
+        ctx.stop_generating()
+        await collect(client, worker, req(100), ctx)
+        await until(lambda: "abort started" in engine.events)
+    # Shutdown began while abort() was still running: cleanup came after it, not during it.
+    assert engine.events == ["start", "abort started", "abort done", "drain", "cleanup"]

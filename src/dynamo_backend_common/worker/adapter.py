@@ -174,6 +174,11 @@ class EngineAdapter:
         except Exception:
             log.exception("engine.abort failed for request %s", ctx.id)
 
+    async def wait_aborts(self) -> None:
+        """Return once every ``engine.abort`` call started so far has finished (unbounded)."""
+        while self._abort_tasks:
+            await asyncio.wait(list(self._abort_tasks))
+
     async def close(self, timeout: float = 5.0) -> None:
         """Wait (bounded) for outstanding abort calls, then cancel what is left."""
         if not self._abort_tasks:

@@ -609,6 +609,10 @@ class Worker:
     async def _wait_inflight(self) -> None:
         if not await self._tracker.wait_idle(None):  # pragma: no cover - unbounded wait
             raise TimeoutError
+        # The engine.abort() calls of those requests belong to them: drain() and cleanup()
+        # must not overlap one.
+        if self._adapter is not None:
+            await self._adapter.wait_aborts()
 
     async def _drain(self) -> None:
         try:
