@@ -263,6 +263,18 @@ def test_client_disconnect_mid_stream_cancels_the_engine(
     assert metric(front, "dynamo_frontend_inflight_requests", model=MODEL) <= 1
 
 
+def test_client_leaving_a_unary_request_cancels_it_too(server: RunServer) -> None:
+    before = workers_metric(server, "dynamo_component_requests_finished_total",
+                            status="cancelled")
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.5) as h:
+        # 1500 tokens at 2 ms: the client gives up (and closes the connection) long before.
+        h.post(server.url + "/completions", json={
+            "model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True})
+    wait_until(lambda: workers_metric(server, "dynamo_component_requests_finished_total",
+                                      status="cancelled") >= before + 1, 5,
+               "the worker to count the cancelled unary request")
+
+
 def test_round_robin_shares_load_between_two_workers(
     server: RunServer, client: openai.OpenAI
 ) -> None:

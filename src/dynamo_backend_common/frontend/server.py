@@ -461,10 +461,13 @@ class Frontend:
 
 
 def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id", "")
-    if rid and len(rid) <= 128 and rid.isprintable() and " " not in rid:
-        return rid
-    return uuid.uuid4().hex
+    # Always a fresh id, never the client's x-request-id: engines key requests (and abort) by
+    # it, so two clients sending the same header must not collide.
+    rid = uuid.uuid4().hex
+    client_rid = request.headers.get("x-request-id")
+    if client_rid and log.isEnabledFor(logging.DEBUG):
+        log.debug("request %s: client x-request-id %r", rid, client_rid[:128])
+    return rid
 
 
 async def _watch_disconnect(receive: Receive, job: _Job) -> None:
