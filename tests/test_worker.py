@@ -476,3 +476,48 @@ async def test_cleanup_waits_for_abort_calls_still_running() -> None:
         await until(lambda: "abort started" in engine.events)
     # Shutdown began while abort() was still running: cleanup came after it, not during it.
     assert engine.events == ["start", "abort started", "abort done", "drain", "cleanup"]
+
+
+async def test_with_a_canary_health_waits_for_the_first_pass() -> None:
+    engine = LifecycleEngine(canary=True)
+    engine.hold = asyncio.Event()  # the first canary cannot finish yet
+    async with serving(engine) as worker:
+        ok, details = await worker._health_check()
+        assert not ok and details["canary"] == "pending"
+        engine.hold.set()
+        await worker.run_canary()
+        ok, details = await worker._health_check()
+        assert ok and details["canary"] == "ok"
+
+
+class BadPayloadEngine(LifecycleEngine):
+    async def health_check_payload(self) -> dict[str, Any] | None:
+        raise RuntimeError("no canary today")
+
+
+async def test_failing_health_check_payload_disables_the_canary_not_the_worker() -> None:
+    async with serving(BadPayloadEngine()) as worker, RequestPlaneClient() as client:
+        ok, details = await worker._health_check()
+        assert ok and details["canary"] == "disabled"
+        assert len(await collect(client, worker, req(2))) == 2
+
+
+def test_invalid_payload_flag_is_a_usage_error_and_invalid_env_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynamo_backend_common.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_known_args(
+            ["worker", "--engine", "echo", "--health-check-payload", "[1, 2]"])
+    assert exit_.value.code == 2
+    assert "--health-check-payload: health check payload must be a JSON object" in (
+        capsys.readouterr().err)
+    args, _ = build_parser().parse_known_args(
+        ["worker", "--engine", "echo", "--health-check-payload", '{"token_ids": [4]}'])
+    assert WorkerConfig.from_args(args).health_check_payload == {"token_ids": [4]}
+    # A bad environment value does not stop the worker from starting (it is warned about and
+    # ignored when the worker resolves the canary).
+    monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "{not json")
+    args, _ = build_parser().parse_known_args(["worker", "--engine", "echo"])
+    assert WorkerConfig.from_args(args).health_check_payload is None

@@ -180,7 +180,6 @@ class WorkerConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
         """Build from a namespace produced by a parser that :func:`add_worker_args` set up."""
-        payload = args.health_check_payload
         cfg = cls(
             namespace=args.namespace,
             component=args.component,
@@ -196,7 +195,7 @@ class WorkerConfig:
             advertise_host=args.advertise_host or None,
             status_host=args.system_host,
             status_port=None if args.system_port < 0 else args.system_port,
-            health_check_payload=parse_health_check_payload(payload) if payload else None,
+            health_check_payload=_payload_arg(args.health_check_payload),
             migration_limit=args.migration_limit,
             enable_kv_routing=args.enable_kv_routing,
             metrics_labels=dict(_parse_label(x) for x in args.metrics_label),
@@ -218,6 +217,20 @@ def parse_health_check_payload(value: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError("health check payload must be a JSON object")
     return obj
+
+
+def _payload_arg(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--health-check-payload`` as parsed (a dict) or as given (a string, from code)."""
+    if value is None or isinstance(value, dict):
+        return value
+    return parse_health_check_payload(value) if value.strip() else None
+
+
+def _payload_type(value: str) -> dict[str, Any]:
+    try:
+        return parse_health_check_payload(value)
+    except (ValueError, OSError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def env_health_check_payload() -> dict[str, Any] | None:
@@ -314,7 +327,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="status server host for /metrics /health /live [DYN_SYSTEM_HOST]")
     g.add_argument("--system-port", type=int, default=_env_int("DYN_SYSTEM_PORT", 0),
                    help="status server port, 0 = ephemeral, -1 = disabled [DYN_SYSTEM_PORT]")
-    g.add_argument("--health-check-payload", default=os.environ.get("DYN_HEALTH_CHECK_PAYLOAD"),
+    # No env default here: the worker reads DYN_HEALTH_CHECK_PAYLOAD itself when the flag is
+    # absent, and (as Dynamo does) warns about and ignores an invalid value instead of failing.
+    g.add_argument("--health-check-payload", type=_payload_type, default=None,
+                   metavar="JSON|@FILE",
                    help="canary request as JSON or @file, overrides the engine's "
                         "[DYN_HEALTH_CHECK_PAYLOAD]")
     g.add_argument("--migration-limit", type=int, default=_env_int("DYN_MIGRATION_LIMIT", 3),

@@ -326,7 +326,14 @@ class Worker:
 
         payload = cfg.health_check_payload or env_health_check_payload()
         if payload is None:
-            payload = await self.engine.health_check_payload()
+            try:
+                payload = await self.engine.health_check_payload()
+            except Exception as exc:
+                log.warning("engine.health_check_payload() failed; canary disabled: %s", exc)
+                payload = None
+        if payload is not None and not isinstance(payload, dict):
+            log.warning("health check payload is not a JSON object; canary disabled")
+            payload = None
         self._canary = payload
         self._health = {"canary": "pending" if payload is not None else "disabled"}
         self._controls = list(await self.engine.supported_controls())
@@ -466,7 +473,8 @@ class Worker:
         details["worker_id"] = f"{self.worker_id:x}" if self.worker_id is not None else None
         if self._shutdown.is_set():
             details["shutdown"] = self._shutdown_reason
-        return ready and details.get("canary") != "failed", details
+        # With a canary, readiness is the canary's verdict: not ready until one passed.
+        return ready and details.get("canary") in ("ok", "disabled"), details
 
     async def run_canary(self) -> None:
         """Send the canary through the same adapter as real requests; record the outcome."""
