@@ -220,3 +220,22 @@ def test_error_kind_to_status() -> None:
     assert status[BackendError.Disconnected] == 502
     assert status[BackendError.ResponseTimeout] == 504
     assert status[BackendError.Unknown] == 500
+
+
+def test_cli_run_and_frontend_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynamo_backend_common.cli import build_parser, main
+
+    for name in ("DYN_HTTP_HOST", "DYN_HTTP_PORT", "DYN_API_KEY", "DYN_ROUTER_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(
+        ["run", "--engine", "echo", "--workers", "3", "--port", "0", "--mod", "x",
+         "--delay-ms", "5"])
+    assert (args.engine, args.workers, args.port, args.model) == ("echo", 3, 0, None)
+    assert rest == ["--mod", "x", "--delay-ms", "5"]  # no abbreviation matching: the engine's
+    args, rest = parser.parse_known_args(
+        ["frontend", "--router-mode", "kv", "--kv-overlap-weight", "2", "--api-key", "k"])
+    assert (args.router_mode, args.kv_overlap_weight, args.api_key, args.host, args.port) == (
+        "kv", 2.0, "k", "127.0.0.1", 8000)
+    with pytest.raises(SystemExit, match="cannot import engine module"):
+        main(["run", "--engine", "no_such_module_xyz:Engine"])

@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body accepted, 413 beyond (default: %(default)s)")
     f.set_defaults(func=_cmd_frontend)
+    f.allow_abbrev = False
 
     r = sub.add_parser(
         "run",
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--worker-logs", action="store_true",
                    help="copy the workers' logs to stderr (always shown when one fails)")
     r.set_defaults(func=_cmd_run)
+    # Flags run does not know go to the engine: never match them as abbreviations of ours.
+    r.allow_abbrev = False
     return parser
 
 
