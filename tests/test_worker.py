@@ -521,3 +521,15 @@ def test_invalid_payload_flag_is_a_usage_error_and_invalid_env_is_ignored(
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "{not json")
     args, _ = build_parser().parse_known_args(["worker", "--engine", "echo"])
     assert WorkerConfig.from_args(args).health_check_payload is None
+
+
+async def test_losing_the_discovery_lease_shuts_the_worker_down() -> None:
+    engine = LifecycleEngine()
+    worker = Worker(engine, config())
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), TIMEOUT)
+    assert worker._discovery is not None
+    worker._discovery.lease_lost.set()  # what a backend does when keep-alive fails for a TTL
+    assert await asyncio.wait_for(task, TIMEOUT) == 0
+    assert worker._shutdown_reason == "lease_lost"
+    assert engine.events == ["start", "drain", "cleanup"]
