@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -95,13 +96,18 @@ async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None =
 # --------------------------------------------------------------------------- workers
 
 
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
-    """Linux: the worker gets SIGTERM if this process dies without stopping it."""
+@functools.cache
+def _pdeathsig_hook() -> Callable[[], object] | None:
+    """Linux: a ``preexec_fn`` making the child get SIGTERM if this process dies without
+    stopping it. libc is loaded here, in the parent: the child (forked from a process that may
+    have threads) only makes the one prctl call, no dlopen or imports."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, 1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 class WorkerProcess:
@@ -126,7 +132,7 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+            preexec_fn=_pdeathsig_hook())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
