@@ -251,11 +251,10 @@ def test_client_disconnect_mid_stream_cancels_the_engine(
         if got >= 5:
             break
     stream.close()  # drop the connection: 1500 tokens at 2 ms would take 3 s
-    t0 = time.monotonic()
+    # Only a cancellation counts as "cancelled" (a request left alone ends as "success").
     wait_until(lambda: workers_metric(server, "dynamo_component_requests_finished_total",
                                       status="cancelled") >= before + 1, 10,
                "the worker to count a cancelled request")
-    assert time.monotonic() - t0 < 2.5
     front = httpx.get(base(server) + "/metrics", timeout=5).text
     wait_until(lambda: metric(httpx.get(base(server) + "/metrics", timeout=5).text,
                               "dynamo_frontend_requests_total", status="cancelled") >= 1, 5,
