@@ -339,7 +339,8 @@ async def run_mode(
         await models.start()
         registry = CollectorRegistry()
         router = Router(models, mode, events=events, seed=args.seed, registry=registry,
-                        overlap_weight=args.overlap_weight, temperature=args.temperature,
+                        overlap_weight=args.kv_overlap_weight,
+                        temperature=args.router_temperature,
                         busy_threshold=args.busy_threshold)
         client = EngineClient(models, router)
         try:
@@ -523,8 +524,8 @@ def main() -> None:
     b.add_argument("--user-tokens", type=int, default=64)
     b.add_argument("--output-tokens", type=int, default=32,
                    help="mean output length (each request draws 50-150 %%)")
-    b.add_argument("--overlap-weight", type=float, default=1.0)
-    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--kv-overlap-weight", type=float, default=1.0)
+    b.add_argument("--router-temperature", type=float, default=0.0)
     b.add_argument("--busy-threshold", type=float, default=0.7,
                    help="kv: skip workers whose KV usage is above this fraction")
     b.add_argument("--plot", default="benchmarks/kv_router.png",
