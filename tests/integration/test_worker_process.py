@@ -278,7 +278,7 @@ async def test_sigterm_with_50_streams_in_flight_loses_none(
     worker: WorkerProcess = await spawn(  # type: ignore[misc]
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "0.2",
-        "--", "--events-file", str(events), "--delay-ms", "15")
+        "--", "--events-file", str(events), "--delay-ms", "30")
     disc = open_discovery(url)
     client = RequestPlaneClient()
     try:
@@ -355,8 +355,9 @@ async def test_sigkill_removes_the_entry_within_the_lease_ttl(
         await watch.aclose()
         assert ev.kind == "delete" and ev.key == key
         # Nothing deleted it but the lease: on etcd it expires at most one TTL after the last
-        # renewal (etcd checks expiry every ~0.5 s); file discovery sees the dead pid at once.
-        assert gone_after <= ttl + 1.0, gone_after
+        # renewal (etcd checks expiry every ~0.5 s; slack for a loaded machine, still far below
+        # the default 10 s TTL); file discovery sees the dead pid at its next scan.
+        assert gone_after <= ttl + 2.0, gone_after
         assert await disc.get_prefix(f"v1/mdc/{namespace}/") == {}
     finally:
         await disc.close()
