@@ -74,6 +74,24 @@ class LogprobEngine(LLMEngine):
         pass
 
 
+class SeedEngine(LLMEngine):
+    """Emits one token chosen by the request's seed (``300 + seed``), then stops."""
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        return EngineConfig(model="seed", context_length=2048)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        assert request.sampling_options.n is None  # each choice is its own request
+        seed = request.sampling_options.seed or 0
+        yield LLMEngineOutput(token_ids=[300 + seed],
+                              finish_reason=LLMEngineOutput.length().finish_reason)
+
+    async def cleanup(self) -> None:
+        pass
+
+
 class Stack:
     def __init__(self, **frontend: Any) -> None:
         self.bus = uuid.uuid4().hex
@@ -211,6 +229,25 @@ async def test_logprobs_are_rendered_for_chat_and_completions() -> None:
         got = [c.choices[0].logprobs.content for c in [x async for x in stream]
                if c.choices and c.choices[0].logprobs is not None]
         assert [t.logprob for part in got for t in part or []] == [-0.1, -2.5]
+
+
+async def test_n_choices_get_distinct_seeds_and_errors_fail_the_request() -> None:
+    async with Stack() as st:
+        await st.add_worker(SeedEngine(), "seed", str(tiny_model_dir()))
+        await st.add_worker(FailingEngine(), "failing", str(tiny_model_dir()))
+        client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        r = await client.completions.create(model="seed", prompt="hi", n=3, seed=5)
+        md = st.frontend.models.models["seed"]
+        tok = (await st.frontend.model_state(md)).model_dir.tokenizer
+        assert [c.text for c in r.choices] == [tok.decode([305 + i]) for i in range(3)]
+        assert r.usage is not None and r.usage.completion_tokens == 3
+        with pytest.raises(openai.InternalServerError):  # one choice fails: the request fails
+            await client.completions.create(model="failing", prompt="x", n=2, max_tokens=5)
+        stream = await client.completions.create(model="failing", prompt="x", n=2,
+                                                 max_tokens=5, stream=True)
+        with pytest.raises(openai.APIError, match="engine fell over"):
+            async for _ in stream:
+                pass
 
 
 def test_error_kind_to_status() -> None:

@@ -234,8 +234,30 @@ def test_invalid_parameter_is_bad_request(client: openai.OpenAI) -> None:
     assert exc.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       n=2)
+                                       n=9)  # above the frontend's max_n (8)
     assert exc.value.param == "n"
+
+
+def test_n_choices_fan_out(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=6, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) == 1  # echo: the same text each time
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == 18
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, n=2,
+                                       stream=True, stream_options={"include_usage": True})
+    texts = ["", ""]
+    finishes: list[str | None] = [None, None]
+    usage = None
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = finishes[c.index] or c.finish_reason
+        usage = chunk.usage or usage
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert finishes == ["length", "length"]
+    assert usage is not None and usage.completion_tokens == 10
 
 
 def test_client_disconnect_mid_stream_cancels_the_engine(
@@ -262,16 +284,17 @@ def test_client_disconnect_mid_stream_cancels_the_engine(
     assert metric(front, "dynamo_frontend_inflight_requests", model=MODEL) <= 1
 
 
-def test_client_leaving_a_unary_request_cancels_it_too(server: RunServer) -> None:
+def test_client_leaving_a_unary_n2_request_cancels_both_choices(server: RunServer) -> None:
     before = workers_metric(server, "dynamo_component_requests_finished_total",
                             status="cancelled")
     with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.5) as h:
         # 1500 tokens at 2 ms: the client gives up (and closes the connection) long before.
         h.post(server.url + "/completions", json={
-            "model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True})
+            "model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True, "n": 2})
+    # Two choices, two engine requests, both cancelled.
     wait_until(lambda: workers_metric(server, "dynamo_component_requests_finished_total",
-                                      status="cancelled") >= before + 1, 5,
-               "the worker to count the cancelled unary request")
+                                      status="cancelled") >= before + 2, 5,
+               "the workers to count both choices of the unary request cancelled")
 
 
 def test_round_robin_shares_load_between_two_workers(

@@ -3,9 +3,10 @@
 :class:`ChatRenderer` and :class:`CompletionRenderer` share one interface, used by the HTTP
 layer for both streamed and unary responses:
 
-- ``start()``: the SSE events that open a stream (chat: the ``role`` chunk; completions with
-  ``echo``: the prompt text), possibly ``b""``.
-- ``event(delta)``: the SSE event for one delta (``b""`` when it adds nothing a client can see).
+- ``start()``: the SSE events that open a stream (chat: one ``role`` chunk per choice;
+  completions with ``echo``: the prompt text per choice), possibly ``b""``.
+- ``event(delta)``: the SSE event for one delta of choice ``delta.index`` (``b""`` when it adds
+  nothing a client can see).
 - ``usage_event(usage)``: the final ``choices: []`` chunk of ``stream_options.include_usage``.
 - ``add(delta)`` / ``response(usage)``: accumulate deltas into one unary response body.
 
@@ -72,40 +73,44 @@ def _top(tokenizer: Tokenizer, entries: list[dict[str, Any]]) -> list[TopLogprob
 
 class _Base:
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool,
-                 tokenizer: Tokenizer, logprobs: bool) -> None:
+                 tokenizer: Tokenizer, logprobs: bool, n: int) -> None:
         self.rid = rid
         self.created = created
         self.model = model
         self.include_usage = include_usage
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.n = n
         self._chunk_usage: Any = None if include_usage else UNSET
-        self.text_parts: list[str] = []
-        self.finish_reason: str | None = None
+        #: Per choice index: accumulated text (unary responses) and finish reason.
+        self.text_parts: list[list[str]] = [[] for _ in range(n)]
+        self.finish_reasons: list[str | None] = [None] * n
+        # Per choice index: the encoded per-token event split around its text.
+        self._splits: dict[int, tuple[bytes, bytes]] = {}
 
 
 class ChatRenderer(_Base):
-    """``chat.completion`` / ``chat.completion.chunk`` bodies."""
+    """``chat.completion`` / ``chat.completion.chunk`` bodies for ``n`` choices."""
 
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
-                 tokenizer: Tokenizer, logprobs: bool = False) -> None:
+                 tokenizer: Tokenizer, logprobs: bool = False, n: int = 1) -> None:
         super().__init__(rid, created, model, include_usage=include_usage,
-                         tokenizer=tokenizer, logprobs=logprobs)
-        self._lp: list[ChatTokenLogprob] = []
-        self._split: tuple[bytes, bytes] | None = None
+                         tokenizer=tokenizer, logprobs=logprobs, n=n)
+        self._lp: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
 
     def _chunk(self, choice: list[ChunkChoice]) -> bytes:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
                                        choices=choice, usage=self._chunk_usage))
 
-    def _text_event(self, text: str) -> bytes:
+    def _text_event(self, text: str, index: int) -> bytes:
         # The per-token event: everything but the text is the same for the whole stream, so it
         # is encoded once and the text spliced in (JSON escaping keeps the split unambiguous).
-        if self._split is None:
-            tmpl = self._chunk([ChunkChoice(index=0, delta=ChatDelta(content=""))])
+        split = self._splits.get(index)
+        if split is None:
+            tmpl = self._chunk([ChunkChoice(index=index, delta=ChatDelta(content=""))])
             i = tmpl.index(b'"content":""') + len(b'"content":')
-            self._split = (tmpl[:i], tmpl[i + 2:])
-        return self._split[0] + _encode(text) + self._split[1]
+            split = self._splits[index] = (tmpl[:i], tmpl[i + 2:])
+        return split[0] + _encode(text) + split[1]
 
     def _logprobs(self, d: StreamDelta) -> list[ChatTokenLogprob]:
         if not self.logprobs or d.log_probs is None:
@@ -120,19 +125,21 @@ class ChatRenderer(_Base):
         return out
 
     def start(self) -> bytes:
-        return self._chunk([ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])
+        return b"".join(
+            self._chunk([ChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(self.n))
 
     def event(self, d: StreamDelta) -> bytes:
         if d.finish_reason is None and not self.logprobs:
-            return self._text_event(d.text) if d.text else b""
+            return self._text_event(d.text, d.index) if d.text else b""
         lp = self._logprobs(d)
         out = b""
         if d.text or lp:
             out = self._chunk([ChunkChoice(
-                index=0, delta=ChatDelta(content=d.text),
+                index=d.index, delta=ChatDelta(content=d.text),
                 logprobs=ChatChoiceLogprobs(content=lp) if lp else None)])
         if d.finish_reason is not None:
-            out += self._chunk([ChunkChoice(index=0, delta=ChatDelta(),
+            out += self._chunk([ChunkChoice(index=d.index, delta=ChatDelta(),
                                             finish_reason=d.finish_reason)])
         return out
 
@@ -142,50 +149,56 @@ class ChatRenderer(_Base):
 
     def add(self, d: StreamDelta) -> None:
         if d.text:
-            self.text_parts.append(d.text)
+            self.text_parts[d.index].append(d.text)
         if self.logprobs:
-            self._lp.extend(self._logprobs(d))
+            self._lp[d.index].extend(self._logprobs(d))
         if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
+            self.finish_reasons[d.index] = d.finish_reason
 
     def response(self, usage: CompletionUsage | None) -> ChatCompletion:
         return ChatCompletion(
             id=self.rid, created=self.created, model=self.model,
             choices=[ChatChoice(
-                index=0,
-                message=ChatResponseMessage(content="".join(self.text_parts)),
-                logprobs=ChatChoiceLogprobs(content=self._lp) if self.logprobs else None,
-                finish_reason=self.finish_reason,
-            )],
+                index=i,
+                message=ChatResponseMessage(content="".join(self.text_parts[i])),
+                logprobs=ChatChoiceLogprobs(content=self._lp[i]) if self.logprobs else None,
+                finish_reason=self.finish_reasons[i],
+            ) for i in range(self.n)],
             usage=Usage.from_completion_usage(usage) if usage is not None else None,
         )
 
 
 class CompletionRenderer(_Base):
-    """``text_completion`` bodies; ``echo_text`` (the prompt) is sent first when set."""
+    """``text_completion`` bodies for ``n`` choices; ``echo_text`` (the prompt) starts each
+    choice when set."""
 
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
                  tokenizer: Tokenizer, logprobs: bool = False,
-                 echo_text: str | None = None) -> None:
+                 echo_text: str | None = None, n: int = 1) -> None:
         super().__init__(rid, created, model, include_usage=include_usage,
-                         tokenizer=tokenizer, logprobs=logprobs)
+                         tokenizer=tokenizer, logprobs=logprobs, n=n)
         self.echo_text = echo_text
-        self._split: tuple[bytes, bytes] | None = None
-        self._lp = CompletionLogprobs() if logprobs else None
-        self._offset = len(echo_text) if echo_text else 0
+        self._lp = [CompletionLogprobs() for _ in range(n)] if logprobs else None
+        self._offsets = [len(echo_text) if echo_text else 0] * n
         if echo_text:
-            self.text_parts.append(echo_text)
+            for parts in self.text_parts:
+                parts.append(echo_text)
 
-    def _chunk(self, text: str, finish: str | None, lp: CompletionLogprobs | None) -> bytes:
+    def _chunk(self, index: int, text: str, finish: str | None,
+               lp: CompletionLogprobs | None) -> bytes:
         if finish is None and lp is None and text:
-            if self._split is None:  # see ChatRenderer._text_event
-                tmpl = self._chunk("", None, None)
+            split = self._splits.get(index)
+            if split is None:  # see ChatRenderer._text_event
+                tmpl = sse(CompletionChunk(
+                    id=self.rid, created=self.created, model=self.model,
+                    choices=[CompletionChoice(index=index, text="")], usage=self._chunk_usage))
                 i = tmpl.index(b'"text":""') + len(b'"text":')
-                self._split = (tmpl[:i], tmpl[i + 2:])
-            return self._split[0] + _encode(text) + self._split[1]
+                split = self._splits[index] = (tmpl[:i], tmpl[i + 2:])
+            return split[0] + _encode(text) + split[1]
         return sse(CompletionChunk(
             id=self.rid, created=self.created, model=self.model,
-            choices=[CompletionChoice(index=0, text=text, logprobs=lp, finish_reason=finish)],
+            choices=[CompletionChoice(index=index, text=text, logprobs=lp,
+                                      finish_reason=finish)],
             usage=self._chunk_usage))
 
     def _logprobs(self, d: StreamDelta) -> CompletionLogprobs | None:
@@ -200,17 +213,19 @@ class CompletionRenderer(_Base):
             lp.top_logprobs.append(
                 {t.token: t.logprob for t in _top(self.tokenizer, tops[i])} if i < len(tops)
                 else {})
-            lp.text_offset.append(self._offset)
-            self._offset += len(tok)
+            lp.text_offset.append(self._offsets[d.index])
+            self._offsets[d.index] += len(tok)
         return lp
 
     def start(self) -> bytes:
-        return self._chunk(self.echo_text, None, None) if self.echo_text else b""
+        if not self.echo_text:
+            return b""
+        return b"".join(self._chunk(i, self.echo_text, None, None) for i in range(self.n))
 
     def event(self, d: StreamDelta) -> bytes:
         lp = self._logprobs(d)
         if d.text or lp is not None or d.finish_reason is not None:
-            return self._chunk(d.text, d.finish_reason, lp)
+            return self._chunk(d.index, d.text, d.finish_reason, lp)
         return b""
 
     def usage_event(self, usage: CompletionUsage) -> bytes:
@@ -219,21 +234,24 @@ class CompletionRenderer(_Base):
 
     def add(self, d: StreamDelta) -> None:
         if d.text:
-            self.text_parts.append(d.text)
+            self.text_parts[d.index].append(d.text)
         lp = self._logprobs(d)
         if lp is not None and self._lp is not None:
-            self._lp.tokens += lp.tokens
-            self._lp.token_logprobs += lp.token_logprobs
-            self._lp.top_logprobs += lp.top_logprobs
-            self._lp.text_offset += lp.text_offset
+            acc = self._lp[d.index]
+            acc.tokens += lp.tokens
+            acc.token_logprobs += lp.token_logprobs
+            acc.top_logprobs += lp.top_logprobs
+            acc.text_offset += lp.text_offset
         if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
+            self.finish_reasons[d.index] = d.finish_reason
 
     def response(self, usage: CompletionUsage | None) -> Completion:
         return Completion(
             id=self.rid, created=self.created, model=self.model,
-            choices=[CompletionChoice(index=0, text="".join(self.text_parts), logprobs=self._lp,
-                                      finish_reason=self.finish_reason)],
+            choices=[CompletionChoice(
+                index=i, text="".join(self.text_parts[i]),
+                logprobs=self._lp[i] if self._lp is not None else None,
+                finish_reason=self.finish_reasons[i]) for i in range(self.n)],
             usage=Usage.from_completion_usage(usage) if usage is not None else None,
         )
 

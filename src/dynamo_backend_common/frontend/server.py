@@ -52,7 +52,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..errors import BackendError, DynamoError
-from ..protocols.common import LLMEngineOutput
+from ..protocols.common import CompletionUsage, LLMEngineOutput, PreprocessedRequest
+from ..protocols.common import usage as make_usage
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
@@ -118,6 +119,8 @@ class FrontendConfig:
     #: When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Largest ``n`` (choices per request) accepted; each choice is its own engine request.
+    max_n: int = 8
 
 
 def dynamo_error_to_request_error(exc: DynamoError) -> RequestError:
@@ -140,25 +143,75 @@ class _ModelState:
 
 
 class _Job:
-    """One generation request, from preprocessing to the last byte sent."""
+    """One generation request, from preprocessing to the last byte sent.
 
-    __slots__ = ("ctx", "disconnected", "endpoint", "headers_sent", "model", "post", "pre",
-                 "renderer", "response_done", "stream", "timer")
+    With ``n`` > 1 each choice ``i`` is its own engine request (``requests[i]``, its seed
+    offset by ``i`` when one was given) with its own postprocessor and a child context that
+    stops with ``ctx``.
+    """
+
+    __slots__ = ("completion", "ctx", "ctxs", "disconnected", "endpoint", "error", "finished",
+                 "headers_sent", "model", "n", "posts", "pre", "renderer", "requests",
+                 "response_done", "stream", "timer", "usage")
 
     def __init__(self, *, model: str, endpoint: str, stream: bool, pre: Preprocessed,
-                 post: StreamPostprocessor, renderer: Renderer, ctx: Context,
+                 model_dir: ModelDir, renderer: Renderer, ctx: Context,
                  timer: RequestTimer) -> None:
         self.model = model
         self.endpoint = endpoint
         self.stream = stream
         self.pre = pre
-        self.post = post
         self.renderer = renderer
         self.ctx = ctx
         self.timer = timer
+        request = pre.request
+        n = self.n = request.sampling_options.n or 1
+        if n == 1:
+            self.requests = [request]
+            self.ctxs = [ctx]
+        else:
+            self.requests = [_choice_request(request, i) for i in range(n)]
+            self.ctxs = [Context(f"{ctx.id}-{i}") for i in range(n)]
+            children = self.ctxs
+
+            def stop_children(_: Context) -> None:
+                for c in children:
+                    c.stop_generating()
+
+            ctx.add_stop_callback(stop_children)
+        self.posts = [StreamPostprocessor.for_request(model_dir, r, index=i)
+                      for i, r in enumerate(self.requests)]
         self.disconnected = False
         self.headers_sent = False
         self.response_done = False
+        # Tally of finished choices (see ``see``).
+        self.finished = 0
+        self.completion = 0
+        self.usage: CompletionUsage | None = None
+        self.error: str | None = None
+
+    def see(self, d: StreamDelta) -> None:
+        """Account for a delta: finished choices, summed usage, the first engine error."""
+        if d.finish_reason is None:
+            return
+        self.finished += 1
+        if d.error is not None and self.error is None:
+            self.error = d.error
+        if d.usage is not None:
+            self.completion += d.usage.completion_tokens
+            # One choice: the engine's usage as is (with its details); several: summed.
+            self.usage = d.usage if self.n == 1 else make_usage(self.pre.prompt_tokens,
+                                                                self.completion)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.n
+
+
+def _choice_request(request: PreprocessedRequest, i: int) -> PreprocessedRequest:
+    so = request.sampling_options
+    so = msgspec.structs.replace(so, n=None, seed=None if so.seed is None else so.seed + i)
+    return msgspec.structs.replace(request, sampling_options=so)
 
 
 class Frontend:
@@ -280,7 +333,8 @@ class Frontend:
         task = self._states.get(key)
         if task is None:
             task = self._states[key] = asyncio.get_running_loop().create_task(
-                self._load(card.source_path, entry.name), name=f"load {card.source_path}")
+                self._load(card.source_path, entry.name, self.config.max_n),
+                name=f"load {card.source_path}")
         try:
             return await asyncio.shield(task)
         except ModelDirError as exc:
@@ -291,10 +345,10 @@ class Frontend:
                 code="model_load_failed", type="server_error") from exc
 
     @staticmethod
-    async def _load(path: str, name: str) -> _ModelState:
+    async def _load(path: str, name: str, max_n: int) -> _ModelState:
         def load() -> _ModelState:
             md = ModelDir.load(path, name=name)
-            return _ModelState(md, Preprocessor(md))
+            return _ModelState(md, Preprocessor(md, max_n=max_n))
 
         state = await asyncio.to_thread(load)
         log.info("loaded model directory %s for %s", path, name)
@@ -411,15 +465,16 @@ class Frontend:
         renderer: Renderer
         if isinstance(req, ChatCompletionRequest):
             renderer = ChatRenderer(rid, created, req.model, include_usage=include_usage,
-                                    tokenizer=md.tokenizer, logprobs=bool(req.logprobs))
+                                    tokenizer=md.tokenizer, logprobs=bool(req.logprobs),
+                                    n=req.n or 1)
         else:
             renderer = CompletionRenderer(
                 rid, created, req.model, include_usage=include_usage, tokenizer=md.tokenizer,
                 logprobs=req.logprobs is not None,
-                echo_text=pre.prompt if req.echo else None)
+                echo_text=pre.prompt if req.echo else None, n=req.n or 1)
         job = _Job(
-            model=model_label, endpoint=endpoint, stream=stream, pre=pre,
-            post=StreamPostprocessor.for_request(md, pre.request), renderer=renderer, ctx=ctx,
+            model=model_label, endpoint=endpoint, stream=stream, pre=pre, model_dir=md,
+            renderer=renderer, ctx=ctx,
             timer=self.metrics.request_started(model_label, pre.prompt_tokens, start))
         return _GenerationResponse(self, job)
 
@@ -435,14 +490,48 @@ class Frontend:
         return await asyncio.to_thread(run) if size > _OFFLOAD_BYTES else run()
 
     # -- generation -------------------------------------------------------------------------
-    async def deltas(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
-        """The job's engine stream through its postprocessor; ends at the finishing delta."""
+    def deltas(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
+        """The deltas of all the job's choices (merged as they come when ``n`` > 1); ends when
+        every choice finished. Raises the first ``DynamoError`` of any choice."""
+        return self._choice(job, 0) if job.n == 1 else self._merged(job)
+
+    async def _merged(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
+        queue: asyncio.Queue[StreamDelta | Exception | None] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for d in self._choice(job, i):
+                    queue.put_nowait(d)
+            except Exception as exc:  # handed to the consumer, which owns the outcome
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(None)
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(pump(i)) for i in range(job.n)]
+        try:
+            running = job.n
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, job: _Job, i: int) -> AsyncGenerator[StreamDelta, None]:
+        """Choice ``i``'s engine stream through its postprocessor; ends at its finish."""
         assert self.client is not None
-        post = job.post
+        post = job.posts[i]
         timer = job.timer
         clock = time.perf_counter
         stream = cast(AsyncGenerator[LLMEngineOutput, None],
-                      self.client.generate(job.model, job.pre.request, job.ctx))
+                      self.client.generate(job.model, job.requests[i], job.ctxs[i]))
         try:
             async for out in stream:
                 n = len(out.token_ids)
@@ -457,7 +546,8 @@ class Frontend:
 
     def finished(self, job: _Job, status: str) -> None:
         self.metrics.request_finished(job.timer, job.model, job.endpoint, job.stream, status,
-                                      job.post.completion_tokens, time.perf_counter())
+                                      sum(p.completion_tokens for p in job.posts),
+                                      time.perf_counter())
 
 
 def _request_id(request: Request) -> str:
@@ -515,29 +605,28 @@ class _GenerationResponse(Response):
     async def _unary(self, deltas: AsyncIterator[StreamDelta], send: Send) -> str:
         job = self.job
         r = job.renderer
-        last: StreamDelta | None = None
         try:
             async for d in deltas:
                 r.add(d)
-                last = d
+                job.see(d)
                 if job.ctx.is_stopped():
                     return "cancelled"
         except DynamoError as exc:
             job.response_done = True
             await _send_error(send, dynamo_error_to_request_error(exc))
             return "error"
-        if last is None or last.finish_reason is None:
+        if not job.complete:
             job.response_done = True
             await _send_error(send, RequestError("the stream ended without a finish",
                                                  status=502, code="StreamIncomplete",
                                                  type="server_error"))
             return "error"
-        if last.error is not None:
+        if job.error is not None:
             job.response_done = True
-            await _send_error(send, RequestError(last.error, status=500, code="engine_error",
+            await _send_error(send, RequestError(job.error, status=500, code="engine_error",
                                                  type="server_error"))
             return "error"
-        body = _encode(r.response(last.usage))
+        body = _encode(r.response(job.usage))
         job.response_done = True
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"),
@@ -570,28 +659,28 @@ class _GenerationResponse(Response):
             (b"x-accel-buffering", b"no"),
             (b"x-request-id", job.ctx.id.encode()),
         ]})
-        last = first
         status = "success"
         out = _Coalescer(send)
         try:
             out.write(r.start())
             if first is not None:
+                job.see(first)
                 out.write(self._event(first))
-            if first is not None and first.finish_reason is None:
+            if first is not None and not job.complete:
                 async for d in deltas:
                     if job.ctx.is_stopped():
                         return "cancelled"
-                    last = d
+                    job.see(d)
                     out.write(self._event(d))
                     if out.backlog > _MAX_BACKLOG:
                         await out.drained()
-            if last is None or last.finish_reason is None:
+            if not job.complete:
                 raise DynamoError(BackendError.StreamIncomplete,
                                   "the stream ended without a finish")
-            if last.error is not None:
+            if job.error is not None:
                 status = "error"
-            elif r.include_usage and last.usage is not None:
-                out.write(r.usage_event(last.usage))
+            elif r.include_usage and job.usage is not None:
+                out.write(r.usage_event(job.usage))
         except DynamoError as exc:
             if job.ctx.is_stopped():
                 return "cancelled"
