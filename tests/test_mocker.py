@@ -579,6 +579,37 @@ async def test_snapshots_are_throttled_and_the_last_change_still_arrives() -> No
         await e.cleanup()
 
 
+async def test_an_unchanged_snapshot_is_republished_on_the_heartbeat() -> None:
+    e = await started(snapshot_heartbeat_ms=20)
+    try:
+        bindings = await e.setup_metrics(metrics_ctx())
+        snaps: list[ComponentSnapshot] = []
+        three = asyncio.Event()
+
+        def sink(s: ComponentSnapshot) -> None:
+            snaps.append(s)
+            if len(snaps) >= 3:
+                three.set()
+
+        assert bindings.on_publisher_ready is not None
+        bindings.on_publisher_ready(SnapshotPublisher([0], sink))
+        async with asyncio.timeout(5):
+            await three.wait()  # the initial snapshot, then heartbeats of the idle rank
+        assert len(set(snaps)) == 1 and snaps[0].kv_used_blocks == 0
+    finally:
+        await e.cleanup()
+
+    quiet = await started(snapshot_heartbeat_ms=0)
+    try:
+        qb = await quiet.setup_metrics(metrics_ctx())
+        assert qb.on_publisher_ready is not None
+        qb.on_publisher_ready(SnapshotPublisher([0], lambda s: None))
+        rank = quiet._ranks[0]
+        assert rank._snapshot_delay(1e9) is None  # no heartbeat: an idle rank stays silent
+    finally:
+        await quiet.cleanup()
+
+
 # -- timing ----------------------------------------------------------------------------------
 def test_cost_model_formula() -> None:
     c = CostModel(

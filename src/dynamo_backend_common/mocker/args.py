@@ -48,6 +48,9 @@ class MockerArgs:
     seed: int = 0
     #: Minimum wall interval between two load snapshots of one rank (0: after every change).
     snapshot_interval_ms: float = 50.0
+    #: An unchanged snapshot is published again after this long (0: never), so a router that
+    #: subscribed late (or lost a message) still learns an idle rank's load and capacity.
+    snapshot_heartbeat_ms: float = 1000.0
     #: Check the KV accounting after every scheduler operation (slow; tests).
     check_invariants: bool = False
     prefill_base_ms: float = CostModel.prefill_base_ms
@@ -79,6 +82,8 @@ class MockerArgs:
             problems.append("eos_rate must be in [0, 1]")
         if self.snapshot_interval_ms < 0:
             problems.append("snapshot_interval_ms must be >= 0")
+        if not self.snapshot_heartbeat_ms >= 0:
+            problems.append("snapshot_heartbeat_ms must be >= 0")
         for name in (
             "prefill_base_ms",
             "prefill_ms_per_token",
@@ -167,6 +172,9 @@ class MockerArgs:
             help="base seed of requests without sampling_options.seed")
         add("--snapshot-interval-ms", type=float, default=d.snapshot_interval_ms,
             help="minimum wall interval between load snapshots of one rank (0: every change)")
+        add("--snapshot-heartbeat-ms", type=float, default=d.snapshot_heartbeat_ms,
+            help="publish an unchanged load snapshot again after this long, for routers that "
+            "subscribed late (0: never)")
         add("--check-invariants", action="store_true",
             help="verify the KV accounting after every scheduler operation (slow)")
         add("--prefill-base-ms", type=float, default=d.prefill_base_ms,

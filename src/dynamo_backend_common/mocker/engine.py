@@ -13,7 +13,9 @@ behaviour without a GPU:
 - KV events (stored / removed, with the chained block hashes routers compute from prompts) through
   one :class:`PushKvEventSource` per rank, and a :class:`ComponentSnapshot` per rank after the
   steps that change it, at most one per ``snapshot_interval_ms`` of wall time (a change held back
-  by the throttle is published when the interval ends, also if the rank goes idle).
+  by the throttle is published when the interval ends, also if the rank goes idle), and the
+  unchanged one again every ``snapshot_heartbeat_ms`` (a router that subscribed late, or lost a
+  message, would otherwise never hear from an idle rank).
 
 Single event loop, no threads. Output tokens are ``random.Random(seed)`` draws in
 ``[0, vocab_size)`` (seed = ``sampling_options.seed``, else a hash of ``--seed`` and the request
@@ -163,10 +165,16 @@ class _Rank:
         )
 
     def _snapshot_delay(self, now: float) -> float | None:
-        """Seconds until a changed snapshot may be published (<= 0: now); None if unchanged."""
-        if self.snapshots is None or self._snapshot() == self._last_snapshot:
+        """Seconds until a snapshot is due (<= 0: now): a changed one once the throttle
+        interval has passed, an unchanged one once the heartbeat interval has; None: never."""
+        if self.snapshots is None:
             return None
-        return self._last_publish + self.args.snapshot_interval_ms / 1000.0 - now
+        if self._snapshot() != self._last_snapshot:
+            return self._last_publish + self.args.snapshot_interval_ms / 1000.0 - now
+        heartbeat = self.args.snapshot_heartbeat_ms
+        if heartbeat > 0:
+            return self._last_publish + heartbeat / 1000.0 - now
+        return None
 
     def _maybe_publish(self, now: float) -> None:
         delay = self._snapshot_delay(now)
