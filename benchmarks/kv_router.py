@@ -253,8 +253,8 @@ async def send_direct(client: EngineClient, instance_id: int, tokens: list[int])
     """Serve a request on one given worker, bypassing the router (warm-up probes)."""
     entry = client.models.models[MODEL]
     worker = entry.workers[instance_id]
-    # Several steps, so the worker's load changes and it publishes a snapshot (a one-step
-    # request starts and ends at zero blocks in use).
+    # Several steps, so the worker's load changes and it publishes a snapshot at once (a
+    # one-step request starts and ends at zero blocks in use: only the heartbeat would tell).
     request = PreprocessedRequest(token_ids=tokens, stop_conditions=StopConditions(max_tokens=4))
     stream = client.transport.stream(worker.address, worker.endpoint, to_msgpack(request),
                                      Context())

@@ -88,8 +88,8 @@ async def test_kv_routing_across_processes(
             (iid,) = models.models[MODEL].workers
             # Subscriptions reach publishers a moment after they are made (ZMQ's slow joiner,
             # NATS's SUB round trip): send probe prompts until their KV events and a load
-            # snapshot arrive. (The mocker publishes a snapshot only when its state changed, so
-            # each probe must run for several steps: its blocks in use go up, then down.)
+            # snapshot arrive (each probe runs for two steps, so the worker's load changes and
+            # it publishes a snapshot without waiting for its heartbeat).
             deadline = time.monotonic() + TIMEOUT
             seed = 100
 
