@@ -276,3 +276,18 @@ def test_cli_run_and_frontend_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         "kv", 2.0, "k", "127.0.0.1", 8000)
     with pytest.raises(SystemExit, match="cannot import engine module"):
         main(["run", "--engine", "no_such_module_xyz:Engine"])
+
+
+def test_run_gives_the_mocker_the_model_vocabulary() -> None:
+    from pathlib import Path
+
+    from dynamo_backend_common.frontend.launcher import LocalRunConfig, worker_argv
+
+    d = Path("/m")
+    argv = worker_argv(LocalRunConfig(engine="mocker", engine_args=["--speedup-ratio", "0"]),
+                       d, "m", "file:///x", 1520)
+    assert argv[argv.index("--") + 1:] == ["--speedup-ratio", "0", "--vocab-size", "1520"]
+    argv = worker_argv(LocalRunConfig(engine="mocker", engine_args=["--vocab-size=9"]),
+                       d, "m", "file:///x", 1520)
+    assert argv[argv.index("--") + 1:] == ["--vocab-size=9"]
+    assert "--" not in worker_argv(LocalRunConfig(engine="echo"), d, "m", "file:///x", 1520)

@@ -192,14 +192,21 @@ class LocalRunConfig:
     worker_logs: bool = False
 
 
-def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str) -> list[str]:
+def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str,
+                vocab_size: int | None = None) -> list[str]:
+    """The worker command line. The mocker samples token ids in ``[0, --vocab-size)``; unless
+    given, that is set to the model's vocabulary so its output decodes to text."""
     argv = [sys.executable, "-m", "dynamo_backend_common.cli", "worker",
             "--engine", cfg.engine, "--model-path", str(model_dir),
             "--served-model-name", name, "--discovery", discovery,
             "--namespace", cfg.namespace, "--migration-limit", str(cfg.migration_limit),
             "--graceful-shutdown-grace-secs", "0"]
-    if cfg.engine_args:
-        argv += ["--", *cfg.engine_args]
+    engine_args = list(cfg.engine_args)
+    if (cfg.engine == "mocker" and vocab_size is not None
+            and not any(a.startswith("--vocab-size") for a in engine_args)):
+        engine_args += ["--vocab-size", str(vocab_size)]
+    if engine_args:
+        argv += ["--", *engine_args]
     return argv
 
 
@@ -255,8 +262,9 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         await frontend.start()
         frontend.models.add_listener(on_worker)
         for i in range(cfg.workers):
-            p = WorkerProcess(i + 1, cfg.workers, worker_argv(cfg, model_dir, name, discovery),
-                              echo_logs=cfg.worker_logs)
+            argv = worker_argv(cfg, model_dir, name, discovery,
+                               md.tokenizer.get_vocab_size(with_added_tokens=True))
+            p = WorkerProcess(i + 1, cfg.workers, argv, echo_logs=cfg.worker_logs)
             await p.start()
             procs.append(p)
             assert p.proc is not None
