@@ -533,3 +533,26 @@ async def test_losing_the_discovery_lease_shuts_the_worker_down() -> None:
     assert await asyncio.wait_for(task, TIMEOUT) == 0
     assert worker._shutdown_reason == "lease_lost"
     assert engine.events == ["start", "drain", "cleanup"]
+
+
+async def test_cancelling_the_worker_task_still_shuts_down_in_order() -> None:
+    from dynamo_backend_common.protocols.discovery import INSTANCES_PREFIX
+    from dynamo_backend_common.runtime.discovery import open_discovery
+
+    engine = LifecycleEngine()
+    cfg = config()
+    worker = Worker(engine, cfg)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), TIMEOUT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, TIMEOUT)
+    assert engine.events == ["start", "drain", "cleanup"]
+    assert cfg.discovery is not None
+    assert await open_discovery(cfg.discovery).get_prefix(INSTANCES_PREFIX) == {}
+
+
+async def test_bad_discovery_url_fails_fast_without_starting_the_engine() -> None:
+    engine = LifecycleEngine()
+    assert await Worker(engine, config(discovery="bogus://x")).run() == 1
+    assert engine.events == []

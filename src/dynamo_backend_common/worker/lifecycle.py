@@ -187,6 +187,8 @@ class Worker:
             await self._discovery.start()
         except Exception as exc:
             log.error("discovery unavailable (%s): %s", cfg.discovery or "default", exc)
+            if self._discovery is not None:
+                await _quietly(self._discovery.close())
             return 1
         self.worker_id = self._discovery.instance_id
         if self._shutdown.is_set():
@@ -195,6 +197,7 @@ class Worker:
             return 0
 
         exit_code = 0
+        cancelled = False
         try:
             await self._start_runtime()
             if self._shutdown.is_set():
@@ -204,6 +207,12 @@ class Worker:
                 log.info("shutdown requested before engine start; not starting the engine")
             else:
                 await self._start_and_serve()
+        except asyncio.CancelledError:
+            # The task running the worker was cancelled (an embedding application shutting
+            # down): shut down in order like a signal would, then let the cancellation through.
+            log.warning("worker task cancelled; shutting down")
+            cancelled = True
+            self.request_shutdown("cancelled")
         except Exception as exc:
             log.error("worker failed: %s", exc, exc_info=not isinstance(exc, DynamoError))
             exit_code = 1
@@ -211,6 +220,8 @@ class Worker:
         if self._shutdown_started is None:
             self._shutdown_started = time.monotonic()
         await self._orchestrate_shutdown()
+        if cancelled:
+            raise asyncio.CancelledError
         if self._cleanup_abandoned and exit_code == 0:
             exit_code = 1
         return exit_code
