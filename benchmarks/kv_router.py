@@ -13,16 +13,18 @@ tokens, 128 conversations x 3 turns, 64 user tokens per turn, 16-48 output token
 mocker worker subprocesses (``dynamo-backend worker --engine mocker``, file discovery, ZMQ event
 plane), routed by the in-process frontend stack (ModelManager + Router + EngineClient) with
 ``kv`` and with ``round_robin``, each run on fresh workers, ``--repeat`` runs per mode
-interleaved (the figures pool them; a shared or busy host is noisy). Eight sessions run
-conversations back to back (closed loop); a conversation's turns go one after another, each
-sending the whole history. The mockers run their default cost model (an 8B model on one H100) at
+interleaved (the figures pool them; a shared or busy host is noisy). Two loads: a closed loop
+(``--sessions`` conversations at a time, back to back: throughput at capacity) and an open loop
+(``--rate`` new conversations per second, Poisson: the same offered load for both modes, so TTFT
+compares at equal load). A conversation's turns go one after another, each sending the whole
+history. The mockers run their default cost model (an 8B model on one H100) at
 ``--speedup-ratio`` 10, with 1024 KV blocks each: a quarter of the prompts' shared prefixes fit
 on a worker, all of them do not, so where a prompt goes decides whether its prefix is reused.
 The kv router runs with ``--busy-threshold 0.7``. The OpenAI HTTP layer is left out: it is the
 same code for both modes. Prints TTFT p50/p99, request and output-token throughput and the
 prefix cache hit rate the workers report, side by side, and writes a PNG (``--plot``).
 
-    .venv/bin/python benchmarks/kv_router.py                 # both parts, about 1 min
+    .venv/bin/python benchmarks/kv_router.py                 # both parts, about 1.5 min
     .venv/bin/python benchmarks/kv_router.py --part index --index-workers 16 --index-blocks 100000
     .venv/bin/python benchmarks/kv_router.py --part e2e --sessions 16 --repeat 1 --plot ''
     .venv/bin/python benchmarks/kv_router.py --help           # every size and router knob
@@ -284,7 +286,11 @@ async def warm_up(client: EngineClient, router: Router, rng: random.Random, bs: 
 
 
 async def drive(
-    client: EngineClient, conversations: list[list[WorkloadRequest]], sessions: int, mode: str
+    client: EngineClient,
+    conversations: list[list[WorkloadRequest]],
+    sessions: int,
+    mode: str,
+    rate: float = 0.0,
 ) -> ModeResult:
     result = ModeResult(mode)
     queue = list(reversed(conversations))
@@ -318,14 +324,29 @@ async def drive(
             for req in queue.pop():
                 await one(req)
 
+    async def conversation(start: float, turns: list[WorkloadRequest]) -> None:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))  # its arrival time
+        for req in turns:
+            await one(req)
+
     t0 = time.perf_counter()
-    await asyncio.gather(*(session() for _ in range(sessions)))
+    if rate > 0:  # open loop: conversations arrive as a Poisson process, whatever the speed
+        rng = random.Random("arrivals")
+        at = t0
+        starts = []
+        for _ in conversations:
+            at += rng.expovariate(rate)
+            starts.append(at)
+        await asyncio.gather(*(conversation(a, c) for a, c in zip(starts, conversations,
+                                                                   strict=True)))
+    else:
+        await asyncio.gather(*(session() for _ in range(sessions)))
     result.wall_s = time.perf_counter() - t0
     return result
 
 
 async def run_mode(
-    mode: str, args: argparse.Namespace, conversations: list[list[WorkloadRequest]]
+    mode: str, args: argparse.Namespace, conversations: list[list[WorkloadRequest]], rate: float
 ) -> ModeResult:
     tmp = Path(tempfile.mkdtemp(prefix="kv-router-bench-"))
     discovery_url = f"file://{tmp / 'discovery'}"
@@ -346,7 +367,7 @@ async def run_mode(
         try:
             await models.wait_for_model(MODEL, workers=args.workers, timeout=60)
             await warm_up(client, router, random.Random(args.seed), args.block_size)
-            result = await drive(client, conversations, args.sessions, mode)
+            result = await drive(client, conversations, args.sessions, mode, rate)
             result.per_worker = sorted(
                 (n for (m, _), n in router.decisions.items() if m == MODEL), reverse=True)
             if mode == "kv":
@@ -407,7 +428,7 @@ def report(results: Sequence[ModeResult]) -> None:
         print(f"  {r.mode}: requests per worker {r.per_worker_runs or r.per_worker}{extra}")
 
 
-def plot(results: Sequence[ModeResult], path: str, title: str) -> None:
+def plot(loads: dict[str, list[ModeResult]], path: str, title: str) -> None:
     try:
         import matplotlib
 
@@ -416,30 +437,38 @@ def plot(results: Sequence[ModeResult], path: str, title: str) -> None:
     except ImportError:
         print("  (matplotlib not installed: no plot; pip install matplotlib)")
         return
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for r in results:
-        xs = sorted(r.ttft_ms)
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax1.plot(xs, ys, label=r.mode)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
+    colors = {"kv": "tab:green", "round_robin": "tab:gray", "random": "tab:orange"}
+    styles = ["-", "--", ":"]
+    labels, p50s, p99s, tputs, bar_colors = [], [], [], [], []
+    for li, (load, results) in enumerate(loads.items()):
+        for r in results:
+            xs = sorted(r.ttft_ms)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax1.plot(xs, ys, styles[li % 3], color=colors.get(r.mode), label=f"{r.mode}, {load}")
+            labels.append(f"{r.mode}\n{load}")
+            p50s.append(r.q(50))
+            p99s.append(r.q(99))
+            tputs.append(r.output_tokens / r.wall_s)
+            bar_colors.append(colors.get(r.mode, "tab:blue"))
     ax1.set_xscale("log")
     ax1.set_xlabel("TTFT (ms, log scale)")
     ax1.set_ylabel("fraction of requests")
     ax1.set_title("TTFT CDF")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     ax1.grid(True, which="both", alpha=0.3)
-    names = [r.mode for r in results]
     width = 0.38
-    for i, (label, fn) in enumerate((("p50", lambda r: r.q(50)), ("p99", lambda r: r.q(99)))):
-        xs = [j + (i - 0.5) * width for j in range(len(results))]
-        bars = ax2.bar(xs, [fn(r) for r in results], width, label=label)
-        ax2.bar_label(bars, fmt="%.0f")
-    ax2.set_xticks(range(len(results)), names)
+    xs = list(range(len(labels)))
+    for off, values, label, hatch in ((-0.5, p50s, "p50", ""), (0.5, p99s, "p99", "//")):
+        bars = ax2.bar([x + off * width for x in xs], values, width, label=label,
+                       color=bar_colors, hatch=hatch, edgecolor="black")
+        ax2.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax2.set_xticks(xs, labels, fontsize=8)
     ax2.set_ylabel("ms")
-    ax2.set_title("TTFT")
-    ax2.legend()
-    bars = ax3.bar(names, [r.output_tokens / r.wall_s for r in results],
-                   color=["tab:green", "tab:gray"][: len(results)])
-    ax3.bar_label(bars, fmt="%.0f")
+    ax2.set_title("TTFT p50 (plain) and p99 (hatched)")
+    bars = ax3.bar(xs, tputs, color=bar_colors, edgecolor="black")
+    ax3.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax3.set_xticks(xs, labels, fontsize=8)
     ax3.set_ylabel("output tokens/s")
     ax3.set_title("Throughput")
     fig.suptitle(title)
@@ -464,26 +493,35 @@ def bench_e2e(args: argparse.Namespace) -> None:
     print(
         f"== (b) end to end: {args.workers} mocker workers (subprocesses, speedup "
         f"{args.speedup_ratio:g}, {args.num_gpu_blocks} KV blocks of {args.block_size} tokens "
-        f"each), {args.sessions} sessions, {n_req} requests ({args.conversations} conversations "
-        f"x {args.turns} turns on {args.system_prompts} system prompts of "
-        f"{args.system_prompt_tokens} tokens = {prefix_blocks} shared blocks; +"
-        f"{args.user_tokens} user tokens per turn, {args.output_tokens} output tokens)"
+        f"each), {n_req} requests ({args.conversations} conversations x {args.turns} turns on "
+        f"{args.system_prompts} system prompts of {args.system_prompt_tokens} tokens = "
+        f"{prefix_blocks} shared blocks; +{args.user_tokens} user tokens per turn, "
+        f"{args.output_tokens // 2}-{args.output_tokens * 3 // 2} output tokens)"
     )
     print("  frontend stack in process (ModelManager + Router + EngineClient, file discovery, "
           "zmq:// events); the OpenAI HTTP layer is left out (same code for both modes)")
+    loads: list[tuple[str, float]] = []
+    if args.load in ("both", "closed"):
+        loads.append((f"closed loop, {args.sessions} sessions", 0.0))
+    if args.load in ("both", "open"):
+        loads.append((f"open loop, {args.rate:g} conversations/s", args.rate))
     modes = args.modes.split(",")
-    results = {m: ModeResult(m) for m in modes}
-    for rep in range(args.repeat):  # modes interleaved, so slow phases of the host hit both
-        for mode in modes:
-            t0 = time.perf_counter()
-            r = asyncio.run(run_mode(mode, args, conversations))
-            results[mode].merge(r)
-            print(f"  run {rep + 1}/{args.repeat} {mode}: {time.perf_counter() - t0:.1f} s, "
-                  f"TTFT p50 {r.q(50):.1f} ms p99 {r.q(99):.1f} ms, "
-                  f"{r.output_tokens / r.wall_s:,.0f} output tokens/s")
-    print(f"  all {args.repeat} runs pooled:")
-    pooled = list(results.values())
-    report(pooled)
+    pooled: dict[str, list[ModeResult]] = {}
+    for label, rate in loads:
+        print(f"-- {label}" + (": throughput at capacity" if rate == 0 else
+                               ": latency at the same offered load"))
+        results = {m: ModeResult(m) for m in modes}
+        for rep in range(args.repeat):  # modes interleaved, so slow phases of the host hit both
+            for mode in modes:
+                t0 = time.perf_counter()
+                r = asyncio.run(run_mode(mode, args, conversations, rate))
+                results[mode].merge(r)
+                print(f"  run {rep + 1}/{args.repeat} {mode}: {time.perf_counter() - t0:.1f} s, "
+                      f"TTFT p50 {r.q(50):.1f} ms p99 {r.q(99):.1f} ms, "
+                      f"{r.output_tokens / r.wall_s:,.0f} output tokens/s")
+        print(f"  {label}, all {args.repeat} runs pooled:")
+        pooled[label.split(",")[0]] = list(results.values())
+        report(list(results.values()))
     if args.plot:
         plot(pooled, args.plot,
              f"KV-aware vs round-robin routing: {args.workers} mocker workers, speedup "
@@ -509,14 +547,21 @@ def main() -> None:
     a.add_argument("--decisions", type=int, default=5000)
     b = ap.add_argument_group("(b) end to end")
     b.add_argument("--modes", default="kv,round_robin", help="router modes to compare")
-    b.add_argument("--repeat", type=int, default=3,
+    b.add_argument("--repeat", type=int, default=2,
                    help="runs per mode (interleaved; figures pool them)")
     b.add_argument("--workers", type=int, default=4)
     b.add_argument("--speedup-ratio", type=float, default=10.0)
     b.add_argument("--block-size", type=int, default=16)
     b.add_argument("--num-gpu-blocks", type=int, default=1024, help="KV blocks per worker")
     b.add_argument("--max-num-seqs", type=int, default=256)
-    b.add_argument("--sessions", type=int, default=8, help="concurrent conversations")
+    b.add_argument("--sessions", type=int, default=8,
+                   help="closed loop: conversations in flight at once")
+    b.add_argument("--rate", type=float, default=40.0,
+                   help="open loop: new conversations per second (Poisson arrivals), the same "
+                   "offered load for every mode, so TTFT compares at equal load")
+    b.add_argument("--load", choices=("both", "closed", "open"), default="both",
+                   help="closed loop (--sessions: throughput at capacity), open loop (--rate: "
+                   "latency at equal load) or both")
     b.add_argument("--system-prompts", type=int, default=16)
     b.add_argument("--system-prompt-tokens", type=int, default=2048)
     b.add_argument("--conversations", type=int, default=128)
