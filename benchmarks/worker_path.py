@@ -5,7 +5,11 @@
 
 The engine costs nothing: it yields one-token chunks without awaiting, so every figure is
 framework overhead. Three paths, each at every concurrency level (``--streams``), ``--tokens``
-tokens per run split over the streams, best of ``--repeat`` (5) runs:
+tokens per run split over the streams, best of ``--repeat`` (5) runs. Two figures per path:
+wall time per token (tokens/s, µs/token: what a client sees, sensitive to other load on the
+machine) and CPU time per token of the process doing the work (``cpu µs/token``: this process
+for ``direct`` and ``adapter``, the worker process for ``worker``, so the client's decoding is
+not in it; barely affected by other load):
 
 - ``direct``: ``engine.generate(request, ctx)`` consumed in this process (the floor);
 - ``adapter``: the worker's :class:`EngineAdapter` (admission, cancellation monitor, stream
@@ -86,9 +90,11 @@ class ZeroCostEngine(LLMEngine):
         return None
 
     async def supported_controls(self) -> list[str]:
-        return ["abort_times"]
+        return ["abort_times", "cpu_time"]
 
     async def engine_control(self, control: str, body: Any) -> Any:
+        if control == "cpu_time":  # this (worker) process's CPU seconds so far
+            return time.process_time()
         return self.aborts
 
 
@@ -127,14 +133,21 @@ def request(n: int, **extra: Any) -> PreprocessedRequest:
 Consume = Callable[[int], Awaitable[int]]
 
 
-async def rate(consume: Consume, tokens: int, streams: int) -> float:
-    """Tokens per second with ``streams`` concurrent requests sharing ``tokens``."""
+CpuClock = Callable[[], Awaitable[float]]
+
+
+async def rate(consume: Consume, tokens: int, streams: int,
+               cpu: CpuClock) -> tuple[float, float]:
+    """(tokens per second, CPU µs per token) with ``streams`` concurrent requests sharing
+    ``tokens``; ``cpu`` reads the CPU clock of the process doing the work."""
     per = max(1, tokens // streams)
+    c0 = await cpu()
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(consume(per) for _ in range(streams)))
     elapsed = time.perf_counter() - t0
+    c1 = await cpu()
     assert all(c == per for c in counts), counts
-    return per * streams / elapsed
+    return per * streams / elapsed, (c1 - c0) * 1e6 / (per * streams)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -167,18 +180,33 @@ async def bench(address: str, args: argparse.Namespace) -> None:
             got += len(from_msgpack(raw, LLMEngineOutput).token_ids)
         return got
 
-    paths: list[tuple[str, Consume]] = [
-        ("direct", direct), ("adapter", via_adapter), ("worker", via_worker)]
-    for _, fn in paths:  # warm-up
-        await rate(fn, 5000, 8)
+    async def own_cpu() -> float:
+        return time.process_time()
 
-    print(f"{'path':<8} {'streams':>7} {'tokens/s':>12} {'µs/token':>9} {'x direct':>9}")
+    async def worker_cpu() -> float:
+        async for raw in client.stream(address, CONTROL_ENDPOINT,
+                                       to_msgpack({"control": "cpu_time"})):
+            return float(msgspec.msgpack.decode(raw))
+        raise RuntimeError("no cpu_time reply")
+
+    paths: list[tuple[str, Consume, CpuClock]] = [
+        ("direct", direct, own_cpu), ("adapter", via_adapter, own_cpu),
+        ("worker", via_worker, worker_cpu)]
+    for _, fn, cpu in paths:  # warm-up
+        await rate(fn, 5000, 8, cpu)
+
+    print(f"{'path':<8} {'streams':>7} {'tokens/s':>12} {'µs/token':>9} {'x direct':>9} "
+          f"{'cpu µs/token':>13} {'x direct':>9}")
     for n in streams:
-        base = 0.0
-        for label, fn in paths:
-            best = max([await rate(fn, args.tokens, n) for _ in range(args.repeat)])
+        base = base_cpu = 0.0
+        for label, fn, cpu in paths:
+            runs = [await rate(fn, args.tokens, n, cpu) for _ in range(args.repeat)]
+            best = max(r for r, _ in runs)
+            cpu_us = min(c for _, c in runs)
             base = base or best
-            print(f"{label:<8} {n:>7} {best:>12,.0f} {1e6 / best:>9.2f} {base / best:>9.1f}")
+            base_cpu = base_cpu or cpu_us
+            print(f"{label:<8} {n:>7} {best:>12,.0f} {1e6 / best:>9.2f} {base / best:>9.1f} "
+                  f"{cpu_us:>13.2f} {cpu_us / base_cpu:>9.1f}")
 
     woke: list[float] = []
     aborted: dict[str, int] = {}
