@@ -15,8 +15,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import msgspec
@@ -118,8 +119,13 @@ class WorkerProcess:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
+class Spawn(Protocol):
+    async def __call__(self, *argv: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        ...
+
+
 @pytest.fixture
-async def spawn() -> AsyncIterator[Callable[..., object]]:
+async def spawn() -> AsyncIterator[Spawn]:
     """``await spawn(*worker_flags, env={...})``: a started worker, killed at test end."""
     procs: list[WorkerProcess] = []
 
@@ -203,14 +209,14 @@ def events_of(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["file", "etcd"])
 async def test_client_streams_from_a_worker_found_through_discovery(
-    backend: str, spawn: Callable[..., object], tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, spawn: Spawn, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if backend == "etcd":
         url = etcd_form(request.getfixturevalue("etcd_url"))
     else:
         url = f"file://{tmp_path / 'kv'}"
     namespace = ns()
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", "echo", "--discovery", url, "--namespace", namespace,
         "--served-model-name", "echo-it", "--graceful-shutdown-grace-secs", "0")
     disc = open_discovery(url)
@@ -237,10 +243,10 @@ async def test_client_streams_from_a_worker_found_through_discovery(
 
 
 async def test_client_stop_reaches_engine_abort_once_and_ends_cancelled(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, namespace, events = f"file://{tmp_path / 'kv'}", ns(), tmp_path / "events"
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "0",
         "--", "--events-file", str(events), "--delay-ms", "20", "--tokens", "1000")
@@ -271,11 +277,11 @@ async def test_client_stop_reaches_engine_abort_once_and_ends_cancelled(
 
 
 async def test_sigterm_with_50_streams_in_flight_loses_none(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, namespace, events = f"file://{tmp_path / 'kv'}", ns(), tmp_path / "events"
     n_tokens, n_streams = 40, 50
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "0.2",
         "--", "--events-file", str(events), "--delay-ms", "30")
@@ -312,10 +318,10 @@ async def test_sigterm_with_50_streams_in_flight_loses_none(
 
 
 async def test_failed_start_runs_cleanup_and_exits_nonzero(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, events = f"file://{tmp_path / 'kv'}", tmp_path / "events"
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", ns(),
         "--", "--events-file", str(events), "--fail-start")
     code = await worker.wait_exit()
@@ -330,7 +336,7 @@ async def test_failed_start_runs_cleanup_and_exits_nonzero(
 
 @pytest.mark.parametrize("backend", ["etcd", "file"])
 async def test_sigkill_removes_the_entry_within_the_lease_ttl(
-    backend: str, spawn: Callable[..., object], tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, spawn: Spawn, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     ttl, namespace = 2.0, ns()
     if backend == "etcd":
@@ -338,7 +344,7 @@ async def test_sigkill_removes_the_entry_within_the_lease_ttl(
         url = etcd_form(client_url)
     else:
         client_url = url = f"file://{tmp_path / 'kv'}"
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", "echo", "--discovery", url, "--namespace", namespace,
         env={"DYN_DISCOVERY_TTL": str(ttl)})
     disc = open_discovery(client_url)
@@ -367,11 +373,11 @@ async def test_sigkill_removes_the_entry_within_the_lease_ttl(
 
 
 async def test_metrics_and_health_of_a_serving_worker(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, namespace = f"file://{tmp_path / 'kv'}", ns()
     canary = {"token_ids": [5, 5], "stop_conditions": {"max_tokens": 3}}
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--system-port", "0", "--graceful-shutdown-grace-secs", "0",
         env={"DYN_HEALTH_CHECK_PAYLOAD": json.dumps(canary)})
@@ -429,10 +435,10 @@ async def test_metrics_and_health_of_a_serving_worker(
 
 
 async def test_engine_control_over_request_plane_and_http(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, namespace = f"file://{tmp_path / 'kv'}", ns()
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "0")
     disc = open_discovery(url)
@@ -476,13 +482,13 @@ async def test_engine_control_over_request_plane_and_http(
 
 
 async def test_mocker_worker_publishes_kv_events_on_nats(
-    spawn: Callable[..., object], tmp_path: Path, nats_url: str
+    spawn: Spawn, tmp_path: Path, nats_url: str
 ) -> None:
     url, namespace = f"file://{tmp_path / 'kv'}", ns()
     async with open_event_plane(nats_url) as plane:
         sub = plane.subscribe(kv_events_subject(namespace, "backend"))
         await sub.ready()
-        worker: WorkerProcess = await spawn(  # type: ignore[misc]
+        worker: WorkerProcess = await spawn(
             "--engine", "mocker", "--discovery", url, "--events", nats_url,
             "--namespace", namespace, "--graceful-shutdown-grace-secs", "0",
             "--", "--speedup-ratio", "0", "--block-size", "4")
@@ -506,9 +512,9 @@ async def test_mocker_worker_publishes_kv_events_on_nats(
 # -- forced exits -----------------------------------------------------------------------------
 
 
-async def test_second_signal_exits_70_at_once(spawn: Callable[..., object], tmp_path: Path) -> None:
+async def test_second_signal_exits_70_at_once(spawn: Spawn, tmp_path: Path) -> None:
     url, namespace = f"file://{tmp_path / 'kv'}", ns()
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "30")
     disc = open_discovery(url)
@@ -526,10 +532,10 @@ async def test_second_signal_exits_70_at_once(spawn: Callable[..., object], tmp_
 
 
 async def test_watchdog_force_exits_70_when_shutdown_overruns_its_budget(
-    spawn: Callable[..., object], tmp_path: Path
+    spawn: Spawn, tmp_path: Path
 ) -> None:
     url, namespace, events = f"file://{tmp_path / 'kv'}", ns(), tmp_path / "events"
-    worker: WorkerProcess = await spawn(  # type: ignore[misc]
+    worker: WorkerProcess = await spawn(
         "--engine", ENGINE, "--discovery", url, "--namespace", namespace,
         "--graceful-shutdown-grace-secs", "0",
         "--", "--events-file", str(events), "--cleanup", "block",
