@@ -41,9 +41,13 @@ from dynamo_backend_common.protocols.discovery import (
     ModelCard,
     instance_key,
 )
-from dynamo_backend_common.protocols.kv import KvStored, RouterEvent
+from dynamo_backend_common.protocols.kv import KvStored, LoadSnapshot, RouterEvent
 from dynamo_backend_common.runtime.discovery import Discovery, open_discovery
-from dynamo_backend_common.runtime.events import kv_events_subject, open_event_plane
+from dynamo_backend_common.runtime.events import (
+    kv_events_subject,
+    kv_metrics_subject,
+    open_event_plane,
+)
 from dynamo_backend_common.runtime.transport import RequestPlaneClient
 
 pytestmark = pytest.mark.integration
@@ -481,13 +485,15 @@ async def test_engine_control_over_request_plane_and_http(
 # -- KV events on NATS ------------------------------------------------------------------------
 
 
-async def test_mocker_worker_publishes_kv_events_on_nats(
+async def test_mocker_worker_publishes_kv_events_and_load_on_nats(
     spawn: Spawn, tmp_path: Path, nats_url: str
 ) -> None:
     url, namespace = f"file://{tmp_path / 'kv'}", ns()
     async with open_event_plane(nats_url) as plane:
         sub = plane.subscribe(kv_events_subject(namespace, "backend"))
+        load = plane.subscribe(kv_metrics_subject(namespace, "backend"))
         await sub.ready()
+        await load.ready()
         worker: WorkerProcess = await spawn(
             "--engine", "mocker", "--discovery", url, "--events", nats_url,
             "--namespace", namespace, "--graceful-shutdown-grace-secs", "0",
@@ -504,6 +510,11 @@ async def test_mocker_worker_publishes_kv_events_on_nats(
             assert event.worker_id == info.instance_id
             assert isinstance(event.event.data, KvStored)
             assert len(event.event.data.blocks) >= 4
+            # The engine's load snapshots (declared in setup_metrics) go out on the same plane.
+            snap = from_msgpack((await asyncio.wait_for(anext(load), TIMEOUT)).payload,
+                                LoadSnapshot)
+            assert snap.worker_id == info.instance_id and snap.dp_rank == 0
+            assert snap.kv_total_blocks > 0
         finally:
             await client.close()
             await disc.close()
