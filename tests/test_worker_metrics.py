@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -262,3 +263,18 @@ def test_fast_histogram_matches_le_semantics() -> None:
     with pytest.raises(ValueError):
         FastHistogram([])
     assert len(FastHistogram(ITL_BUCKETS).counts) == len(ITL_BUCKETS) + 1
+
+
+def test_fast_histogram_batch_matches_single_observations() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        values = [
+            rng.choice([rng.expovariate(50.0), rng.choice(ITL_BUCKETS), 0.0, 10.0])
+            for _ in range(rng.randint(0, 40))
+        ]
+        batch, single = FastHistogram(ITL_BUCKETS), FastHistogram(ITL_BUCKETS)
+        batch.observe_many(iter(values))
+        for v in values:
+            single.observe(v)
+        assert batch.counts == single.counts
+        assert batch.total == pytest.approx(single.total)

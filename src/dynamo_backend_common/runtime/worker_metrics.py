@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from typing import TYPE_CHECKING
@@ -163,12 +163,23 @@ class FastHistogram:
         self.total += value
 
     def observe_many(self, values: Iterable[float]) -> None:
-        """Fold a batch in: one Python-level loop, no per-value locking or attribute lookups."""
-        bounds, counts, total = self.bounds, self.counts, 0.0
-        for v in values:
-            counts[bisect_left(bounds, v)] += 1
-            total += v
-        self.total += total
+        """Fold a batch in (one request's inter-token latencies: one value per token).
+
+        Sorts the batch, then counts each bucket with one bisection, so the per-value work is
+        all in C: about a third of the cost of bisecting every value into the bounds.
+        """
+        ordered = sorted(values)
+        n = len(ordered)
+        counts = self.counts
+        below = 0  # values <= the previous bound
+        for i, bound in enumerate(self.bounds):
+            if below == n:
+                break
+            upto = bisect_right(ordered, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += n - below
+        self.total += sum(ordered)
 
     def cumulative(self) -> tuple[list[tuple[str, float]], float]:
         """``([(le, cumulative_count), ..., ("+Inf", count)], sum)`` for a metric family."""
