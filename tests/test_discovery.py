@@ -21,6 +21,7 @@ from dynamo_backend_common.runtime.discovery import (
     open_discovery,
     parse_etcd_endpoints,
 )
+from dynamo_backend_common.runtime.discovery import file as file_discovery
 
 Factory = Callable[..., Discovery]
 TIMEOUT = 5.0
@@ -257,6 +258,101 @@ async def test_file_sigkilled_process_vanishes(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def test_file_sigkilled_process_vanishes_without_pidfds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where pidfds are unavailable the pid is polled instead (every min(0.5 s, ttl/4)).
+    monkeypatch.setattr(file_discovery, "_open_pidfd", lambda pid: None)
+    proc = await spawn_registered_child(f"file://{tmp_path}", "k", ttl=60)
+    try:
+        async with FileDiscovery(tmp_path, poll_interval=0.02) as d:
+            watch = d.watch_prefix("")
+            assert await next_event(watch) == DiscoveryEvent("put", "k", b"child")
+            assert not d._pidfds
+            proc.send_signal(signal.SIGKILL)
+            assert await next_event(watch) == DiscoveryEvent("delete", "k", None)
+            await watch.aclose()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_file_keys_vanish_with_their_removed_lease(tmp_path: Path) -> None:
+    async with FileDiscovery(tmp_path) as owner:
+        await owner.put("k", b"v")
+        async with FileDiscovery(tmp_path, poll_interval=0.02) as reader:
+            watch = reader.watch_prefix("")
+            assert await next_event(watch) == DiscoveryEvent("put", "k", b"v")
+            os.unlink(owner._lease_path(owner.instance_id))  # as a peer reaping it would
+            assert await next_event(watch) == DiscoveryEvent("delete", "k", None)
+            assert await reader.get_prefix("") == {}
+            await watch.aclose()
+
+
+async def test_file_watch_sees_back_to_back_changes(tmp_path: Path) -> None:
+    # Many changes within one directory-mtime tick: the watch still ends on the last state.
+    async with FileDiscovery(tmp_path, poll_interval=0.02) as writer:
+        async with FileDiscovery(tmp_path, poll_interval=0.02) as reader:
+            watch = reader.watch_prefix("k")
+            await writer.put("k0", b"snap")
+            state: dict[str, bytes] = {}
+            for round_ in range(20):
+                await asyncio.sleep(0.1)  # past the mtime margin: the next change must be seen
+                for i in range(5):
+                    await writer.put(f"k{i}", f"{round_}".encode())
+                await writer.delete("k3")
+                want = {f"k{i}": f"{round_}".encode() for i in range(5) if i != 3}
+                while state != want:
+                    ev = await next_event(watch)
+                    if ev.kind == "put":
+                        assert ev.value is not None
+                        state[ev.key] = ev.value
+                    else:
+                        del state[ev.key]
+            await watch.aclose()
+
+
+async def test_file_idle_watches_share_one_cheap_poller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FileDiscovery(tmp_path) as writer:
+        await writer.put("a/1", b"x")
+        await writer.put("b/1", b"y")
+        async with FileDiscovery(tmp_path, poll_interval=0.02) as d:
+            watches = [d.watch_prefix("a/"), d.watch_prefix("b/"), d.watch_prefix("")]
+            for w in [*watches, watches[2]]:  # the snapshots: 1, 1 and 2 entries
+                await next_event(w)
+            poller = d._poller
+            assert poller is not None
+            await asyncio.sleep(0.3)  # past the window in which the dir mtime is distrusted
+            refreshes = rescans = 0
+            refresh, rescan = d._refresh, d._rescan
+
+            def counting_refresh(*, full: bool = False) -> None:
+                nonlocal refreshes
+                refreshes += 1
+                refresh(full=full)
+
+            def counting_rescan(now_ns: int) -> bool:
+                nonlocal rescans
+                rescans += 1
+                return rescan(now_ns)
+
+            monkeypatch.setattr(d, "_refresh", counting_refresh)
+            monkeypatch.setattr(d, "_rescan", counting_rescan)
+            await asyncio.sleep(0.5)
+            # One poller for all three watches; it re-lists only as the once-a-second backstop.
+            assert 5 <= refreshes <= 26 and rescans <= 2, (refreshes, rescans)
+            await writer.put("b/2", b"z")
+            assert await next_event(watches[1]) == DiscoveryEvent("put", "b/2", b"z")
+            assert await next_event(watches[2]) == DiscoveryEvent("put", "b/2", b"z")
+            for w in watches:
+                await w.aclose()
+            await asyncio.sleep(0)
+            assert d._poller is None and poller.done()
 
 
 async def test_file_stalled_owner_expires_after_ttl(tmp_path: Path) -> None:

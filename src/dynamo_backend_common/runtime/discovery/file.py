@@ -16,18 +16,24 @@ Layout of the root directory (flat):
 
 A key is live iff its owner's lease file exists, was touched within the owner's ttl, and, when
 the owner ran on this host (same hostname and pid namespace), its pid is still running (not a
-zombie). So a SIGKILLed process vanishes at the next scan, and one on a stalled or remote
-host after ``ttl``. Touching one lease file instead of every key file keeps key mtimes stable
+zombie). So a SIGKILLed process vanishes at the next poll (its pid is watched through a pidfd;
+where pidfds are unavailable, polled every ``min(0.5 s, ttl/4)``), and one on a stalled or
+remote host after ``ttl``. Touching one lease file instead of every key file keeps key mtimes stable
 (that is what makes change detection cheap) and makes keep-alive O(1). Every scan also reaps
 what is dead: stale leases, their keys, and abandoned temp files.
 
 Watching polls the directory every ``poll_interval`` (default 0.1 s) and diffs against the
 previous scan. This is the one polling component in the runtime, on purpose: inotify would be
 a platform-specific dependency, does not work on network filesystems, and could not report
-the expiry of a lease (a *time* event, not a file event) anyway. The cost of a poll is one
-``scandir`` plus one ``stat`` per key file of the prefix. Changes are delivered as the net
-difference between scans: a key put and deleted between two polls is not reported, and the
-changes of one poll are ordered deletes first, then puts, each by key.
+the expiry of a lease (a *time* event, not a file event) anyway. All watches of one
+:class:`FileDiscovery` share one poller task and are woken only when something under the root
+changed. A poll is one ``stat`` of the directory: it is re-listed (``scandir`` plus one
+``stat`` per key file, re-reading only changed files) when its mtime changed, while that mtime
+is too recent to trust, and once a second as a backstop. Lease files are ``stat``-ed only when
+their last seen touch is a ttl old, and local owners' pids cost one ``poll`` on their pidfds.
+Changes are delivered as the net difference between scans: a key put and deleted between two
+polls is not reported, and the changes of one poll are ordered deletes first, then puts, each
+by key.
 
 Files are not fsynced: discovery state is ephemeral and rebuilt by live processes.
 This layout is not Dynamo's file store format (which has no pid liveness); it is private.
@@ -42,6 +48,7 @@ import hashlib
 import logging
 import os
 import secrets
+import select
 import socket
 import tempfile
 import threading
@@ -65,6 +72,13 @@ _HASHED = "~"
 _MAX_NAME = 200
 _MIN_KEEPALIVE = 0.2
 _HEADER_MAX = 64 * 1024
+#: A directory mtime this close to (or after) the time of the listing that saw it is not
+#: trusted to reveal later changes: those may land in the same timestamp tick.
+_MTIME_MARGIN_NS = 200_000_000
+#: Re-list the directory at least this often even if its mtime did not change.
+_RESCAN_EVERY_NS = 1_000_000_000
+#: Without pidfds, how often (at most, and at most ttl/4) a local owner's pid is checked.
+_PID_CHECK_EVERY = 0.5
 
 
 def default_file_root() -> Path:
@@ -114,6 +128,18 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it exits), or None where pidfds are unavailable."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError:
+        return None  # ENOSYS, EPERM under seccomp, ESRCH (already reaped: polled instead)
+    return fd
+
+
 def _other_inode(inode: int, path: Path) -> bool:
     return os.stat(path).st_ino != inode
 
@@ -129,6 +155,29 @@ class _LeaseInfo(msgspec.Struct):
     host: str
     pidns: str | None
     ttl: float
+
+
+class _Lease:
+    """What a watcher tracks about one owner's lease file."""
+
+    __slots__ = ("info", "inode", "mtime_ns", "next_pid_check_ns", "path", "pidfd", "ttl_ns")
+
+    def __init__(self, path: Path, inode: int, mtime_ns: int, info: _LeaseInfo | None) -> None:
+        self.path = path
+        self.inode = inode
+        self.mtime_ns = mtime_ns
+        self.info = info
+        # An unreadable lease is re-read at its expiry; until then assume a short ttl.
+        self.ttl_ns = int((info.ttl if info is not None else 1.0) * 1e9)
+        self.pidfd: int | None = None
+        self.next_pid_check_ns = 0  # 0: pid not polled (remote owner, or a pidfd watches it)
+
+    def local(self, d: FileDiscovery) -> bool:
+        info = self.info
+        return info is not None and info.host == d._host and info.pidns == d._pidns
+
+    def pid_alive(self) -> bool:
+        return self.info is None or _pid_alive(self.info.pid)
 
 
 class _Record(msgspec.Struct):
@@ -167,7 +216,19 @@ class FileDiscovery(Discovery):
         self.poll_interval = float(poll_interval)
         self._owned: set[str] = set()
         self._cache: dict[str, _Record] = {}
-        self._lease_cache: dict[str, tuple[int, _LeaseInfo]] = {}  # name -> (inode, info)
+        # Change detection (see _refresh): what the last refresh saw.
+        self._leases: dict[int, _Lease] = {}
+        self._pidfds: dict[int, int] = {}  # pidfd -> owner
+        self._pidpoll = select.poll()
+        self._pid_check_ns = int(min(_PID_CHECK_EVERY, self.ttl / 4) * 1e9)
+        self._dir_mtime: int | None = None
+        self._dir_scanned_ns = 0
+        self._live: dict[str, _Record] = {}
+        self._version = 0
+        # Watches: one shared poller task, and the futures of the watches waiting on a change.
+        self._watchers = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
         self._host = socket.gethostname()
         self._pidns = _pid_namespace()
         self._stop_keepalive = threading.Event()
@@ -284,55 +345,102 @@ class FileDiscovery(Discovery):
             return None
         return _Record(sig, header.key, header.owner, data[end + 1 :])
 
-    def _lease_live(self, owner: int, now_ns: int) -> bool:
+    # -- liveness and change detection ------------------------------------------------------
+    def _track_lease(self, owner: int, now_ns: int) -> _Lease | None:
+        """Read ``owner``'s lease file and start tracking it; None (and reaped) if it is dead."""
         path = self._lease_path(owner)
         try:
             st = os.stat(path)
+            info: _LeaseInfo | None = _lease_decoder.decode(path.read_bytes())
         except FileNotFoundError:
-            return False
-        cached = self._lease_cache.get(path.name)
-        if cached is not None and cached[0] == st.st_ino:
-            info = cached[1]
-        else:
-            try:
-                info = _lease_decoder.decode(path.read_bytes())
-            except FileNotFoundError:
-                return False
-            except (OSError, msgspec.DecodeError):
-                return True  # unreadable: let the mtime decide next time
-            self._lease_cache[path.name] = (st.st_ino, info)
-        stale = now_ns - st.st_mtime_ns > info.ttl * 1e9
-        dead = info.host == self._host and info.pidns == self._pidns and not _pid_alive(info.pid)
-        if stale or dead:
-            if owner != self._instance_id:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            return False
-        return True
+            return None
+        except (OSError, msgspec.DecodeError):
+            info = None  # unreadable (being written?): the mtime decides, re-read at expiry
+        lease = _Lease(path, st.st_ino, st.st_mtime_ns, info)
+        if now_ns - lease.mtime_ns > lease.ttl_ns or (lease.local(self) and not lease.pid_alive()):
+            self._reap_lease(owner, lease)
+            return None
+        if lease.local(self) and info is not None:
+            lease.pidfd = _open_pidfd(info.pid)
+            if lease.pidfd is not None:
+                self._pidfds[lease.pidfd] = owner
+                self._pidpoll.register(lease.pidfd, select.POLLIN)
+            else:
+                lease.next_pid_check_ns = now_ns + self._pid_check_ns
+        self._leases[owner] = lease
+        return lease
 
-    def _scan(self, prefix: str) -> dict[str, _Record]:
-        """Live entries under ``prefix``; reaps dead leases, their keys and stale temp files."""
+    def _untrack_lease(self, owner: int) -> _Lease | None:
+        lease = self._leases.pop(owner, None)
+        if lease is not None and lease.pidfd is not None:
+            self._pidpoll.unregister(lease.pidfd)
+            del self._pidfds[lease.pidfd]
+            os.close(lease.pidfd)
+            lease.pidfd = None
+        return lease
+
+    def _reap_lease(self, owner: int, lease: _Lease) -> None:
+        self._untrack_lease(owner)
+        if owner != self._instance_id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lease.path)
+
+    def _check_leases(self, now_ns: int) -> bool:
+        """Drop (and reap) tracked leases that died; True if any did.
+
+        A lease's file is only stat'ed once its last seen mtime is a ttl old (its owner touches
+        it every ttl/3, so that is about once per ttl), and the pids of local owners are watched
+        through pidfds (one ``poll`` for all of them), so a steady state costs no file I/O.
+        """
+        dead: list[int] = []
+        reread: list[int] = []
+        for owner, lease in self._leases.items():
+            if now_ns - lease.mtime_ns > lease.ttl_ns:
+                try:
+                    st = os.stat(lease.path)
+                except FileNotFoundError:
+                    dead.append(owner)
+                    continue
+                if st.st_ino != lease.inode or lease.info is None:
+                    reread.append(owner)  # replaced or unreadable: read it again when needed
+                    continue
+                lease.mtime_ns = st.st_mtime_ns
+                if now_ns - lease.mtime_ns > lease.ttl_ns:
+                    dead.append(owner)
+                    continue
+            if lease.next_pid_check_ns and now_ns >= lease.next_pid_check_ns:
+                if not lease.pid_alive():
+                    dead.append(owner)
+                    continue
+                lease.next_pid_check_ns = now_ns + self._pid_check_ns
+        if self._pidfds:
+            dead.extend(self._pidfds[fd] for fd, _ in self._pidpoll.poll(0))
+        for owner in reread:
+            self._untrack_lease(owner)
+        for owner in dead:
+            if owner in self._leases:
+                self._reap_lease(owner, self._leases[owner])
+        return bool(dead or reread)
+
+    def _rescan(self, now_ns: int) -> bool:
+        """Re-list the directory: re-read changed key files, track new leases, reap temp files.
+
+        True if a tracked lease's file is gone (its owner's keys are no longer live).
+        """
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
-            return {}
-        now_ns = time.time_ns()
-        encoded = _encode(prefix)
-        live: dict[int, bool] = {}
-        out: dict[str, _Record] = {}
-        names: set[str] = set()
+            entries = []
+        cache: dict[str, _Record] = {}
+        leases: set[int] = set()
         for entry in entries:
             name = entry.name
             if name.startswith("."):
                 if name.startswith(_LEASE):
                     with contextlib.suppress(ValueError):
-                        owner = int(name[len(_LEASE) :], 16)
-                        live[owner] = self._lease_live(owner, now_ns)
+                        leases.add(int(name[len(_LEASE) :], 16))
                 elif name.startswith((_TMP, _REAP)):
                     self._reap_temp(entry, now_ns)
-                continue
-            names.add(name)
-            if not (name.startswith(encoded) or name.startswith(_HASHED)):
                 continue
             try:
                 st = entry.stat()
@@ -344,22 +452,62 @@ class FileDiscovery(Discovery):
                 record = self._read_record(Path(entry.path), sig)
                 if record is None:
                     continue
-                self._cache[name] = record
-            if not record.key.startswith(prefix):
-                continue
-            if record.owner not in live:
-                # Not in this listing (readdir is not a snapshot): ask the lease file itself.
-                live[record.owner] = self._lease_live(record.owner, now_ns)
-            if live[record.owner]:
-                out[record.key] = record
+            cache[name] = record
+        self._cache = cache
+        gone = self._leases.keys() - leases
+        for owner in gone:
+            self._untrack_lease(owner)
+        for owner in leases - self._leases.keys():
+            self._track_lease(owner, now_ns)
+        return bool(gone)
+
+    def _refresh(self, *, full: bool = False) -> None:
+        """Bring :attr:`_live` up to date with the directory; bump :attr:`_version` on change.
+
+        The directory is only re-listed when its mtime changed (every write, delete and lease
+        creation renames or unlinks in it), or when that mtime is too recent to be trusted
+        (two changes within one timestamp tick look alike), or every :data:`_RESCAN_EVERY`
+        as a backstop against odd filesystem clocks. Otherwise a refresh is one ``stat`` plus
+        the lease checks of :meth:`_check_leases`.
+        """
+        now_ns = time.time_ns()
+        try:
+            mtime = os.stat(self.root).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        changed = False
+        if (
+            full
+            or mtime is None
+            or mtime != self._dir_mtime
+            or self._dir_scanned_ns - mtime < _MTIME_MARGIN_NS
+            or now_ns - self._dir_scanned_ns > _RESCAN_EVERY_NS
+        ):
+            old = {name: rec.sig for name, rec in self._cache.items()}
+            leases_gone = self._rescan(now_ns)
+            self._dir_mtime, self._dir_scanned_ns = mtime, now_ns
+            changed = leases_gone or old != {name: rec.sig for name, rec in self._cache.items()}
+        changed = self._check_leases(now_ns) or changed or self._version == 0
+        if not changed:
+            return
+        live: dict[str, _Record] = {}
+        for name, record in list(self._cache.items()):
+            owner = record.owner
+            if owner in self._leases or self._track_lease(owner, now_ns) is not None:
+                live[record.key] = record
             else:
                 # Keep it if a fresh write replaced the dead file since we looked.
-                self._remove_if(Path(entry.path), functools.partial(_other_inode, sig[0]))
-        for stale_name in self._cache.keys() - names:
-            del self._cache[stale_name]
-        for stale_lease in self._lease_cache.keys() - {e.name for e in entries}:
-            del self._lease_cache[stale_lease]
-        return out
+                self._remove_if(self.root / name, functools.partial(_other_inode, record.sig[0]))
+                del self._cache[name]
+        if {k: r.sig for k, r in live.items()} != {k: r.sig for k, r in self._live.items()}:
+            self._live = live
+            self._version += 1
+            self._wake_all()
+
+    def _scan(self, prefix: str) -> dict[str, _Record]:
+        """Live entries under ``prefix``, read now."""
+        self._refresh(full=True)
+        return {key: rec for key, rec in self._live.items() if key.startswith(prefix)}
 
     def _reap_temp(self, entry: os.DirEntry[str], now_ns: int) -> None:
         # A writer killed between create and replace leaves its temp file behind.
@@ -374,30 +522,69 @@ class FileDiscovery(Discovery):
     async def watch_prefix(self, prefix: str) -> AsyncGenerator[DiscoveryEvent, None]:
         if self._closed:
             return
-        # Each poll diffs against the previous scan, so the snapshot-to-live handover
+        # Each wake-up diffs against the previous state, so the snapshot-to-live handover
         # loses nothing: whatever changed after the snapshot shows up in the next diff.
         current = self._scan(prefix)
-        for key in sorted(current):
-            yield DiscoveryEvent("put", key, current[key].value)
-        while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.poll_interval)
-            if self._closing.is_set():
-                return
-            latest = self._scan(prefix)
-            for key in sorted(current.keys() - latest.keys()):
-                yield DiscoveryEvent("delete", key, None)
-            for key in sorted(latest):
-                old = current.get(key)
-                if old is None or old.sig != latest[key].sig:
-                    yield DiscoveryEvent("put", key, latest[key].value)
-            current = latest
+        seen = self._version
+        self._watchers += 1
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(
+                self._poll_loop(), name=f"discovery-file-poll-{self.root}"
+            )
+        try:
+            for key in sorted(current):
+                yield DiscoveryEvent("put", key, current[key].value)
+            while not self._closing.is_set():
+                if self._version == seen:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters.add(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        self._waiters.discard(waiter)
+                    continue
+                seen = self._version
+                latest = {k: r for k, r in self._live.items() if k.startswith(prefix)}
+                for key in sorted(current.keys() - latest.keys()):
+                    yield DiscoveryEvent("delete", key, None)
+                for key in sorted(latest):
+                    old = current.get(key)
+                    if old is None or old.sig != latest[key].sig:
+                        yield DiscoveryEvent("put", key, latest[key].value)
+                current = latest
+        finally:
+            self._watchers -= 1
+            if self._watchers == 0 and self._poller is not None:
+                self._poller.cancel()
+                self._poller = None
+
+    async def _poll_loop(self) -> None:
+        """One poller per object, shared by all its watches: they wake only on a change."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self._refresh()
+            except Exception as exc:  # e.g. the directory became unreadable
+                for waiter in self._waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+
+    def _wake_all(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._closing.set()
+        self._wake_all()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        for owner in list(self._leases):
+            self._untrack_lease(owner)
         if self._keepalive is not None:
             self._stop_keepalive.set()
             await asyncio.to_thread(self._keepalive.join)
