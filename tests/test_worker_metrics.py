@@ -270,7 +270,7 @@ def test_fast_histogram_batch_matches_single_observations() -> None:
     for _ in range(200):
         values = [
             rng.choice([rng.expovariate(50.0), rng.choice(ITL_BUCKETS), 0.0, 10.0])
-            for _ in range(rng.randint(0, 40))
+            for _ in range(rng.choice([rng.randint(0, 40), rng.randint(500, 1200)]))
         ]
         batch, single = FastHistogram(ITL_BUCKETS), FastHistogram(ITL_BUCKETS)
         batch.observe_many(iter(values))

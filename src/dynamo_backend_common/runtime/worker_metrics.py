@@ -137,6 +137,12 @@ def check_extra_labels(labels: Mapping[str, str]) -> None:
             raise ValueError(f"metrics label {name!r} is reserved by the worker")
 
 
+# Values sorted at a time by FastHistogram.observe_many: enough to amortise its per-bucket
+# bisections, few enough that the sort stays in cache (sorting 200k values at once is slower
+# than bisecting each one).
+_SORT_SLICE = 512
+
+
 class FastHistogram:
     """A histogram's state as plain numbers: non-cumulative bucket counts and a sum.
 
@@ -165,10 +171,15 @@ class FastHistogram:
     def observe_many(self, values: Iterable[float]) -> None:
         """Fold a batch in (one request's inter-token latencies: one value per token).
 
-        Sorts the batch, then counts each bucket with one bisection, so the per-value work is
-        all in C: about a third of the cost of bisecting every value into the bounds.
+        Sorts the batch in slices and counts each bucket of a slice with one bisection, so the
+        per-value work is all in C: about half the cost of bisecting every value into the
+        bounds in a Python loop.
         """
-        ordered = sorted(values)
+        batch = values if isinstance(values, list) else list(values)
+        for start in range(0, len(batch), _SORT_SLICE):
+            self._observe_sorted(sorted(batch[start : start + _SORT_SLICE]))
+
+    def _observe_sorted(self, ordered: list[float]) -> None:
         n = len(ordered)
         counts = self.counts
         below = 0  # values <= the previous bound
