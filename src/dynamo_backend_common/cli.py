@@ -7,6 +7,8 @@ Subcommands:
   OpenAI-compatible HTTP frontend for workers found through discovery (multi-machine setups).
 - ``run --engine SPEC [--model DIR] [--workers N] [--port P] [-- engine flags]``: the
   one-command server: N worker subprocesses plus the frontend, on one machine.
+- ``bench [--url URL] [--model NAME] [--concurrency 1,64] [--requests N]``: load-test a running
+  OpenAI-compatible server (requests/s, tokens/s, TTFT and ITL p50/p99).
 
 ``SPEC`` is ``echo``, ``mocker``, ``package.module:Class`` or ``path/to/file.py:Class``. Flags
 the worker does not know are passed to the engine's ``from_args(argv)`` classmethod when it has
@@ -165,6 +167,14 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     return _run_async(run_local(config))
 
 
+def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main as bench_main
+
+    if rest:
+        raise SystemExit(f"dynamo-backend bench: unknown arguments: {' '.join(rest)}")
+    return bench_main(args)
+
+
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -179,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynamo-backend",
         description="Serve LLM engines: workers, the OpenAI frontend, the one-command server, "
-        "conformance checks.",
+        "conformance checks, a load generator.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     w = sub.add_parser(
@@ -253,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
     # Flags run does not know go to the engine: never match them as abbreviations of ours.
     r.allow_abbrev = False
+
+    from .bench import add_bench_args
+
+    b = sub.add_parser(
+        "bench",
+        help="load-test a running OpenAI-compatible server",
+        description="Keep N streaming chat completions in flight per concurrency level and "
+        "print requests/s, output tokens/s, TTFT and ITL p50/p99 per level; exit 1 if any "
+        "request failed.",
+    )
+    add_bench_args(b)
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 
