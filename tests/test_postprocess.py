@@ -11,6 +11,7 @@ import openai.types.chat as oai_chat
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dynamo_backend_common.fixtures import tiny_model_dir
 from dynamo_backend_common.frontend.model_dir import ModelDir
@@ -108,6 +109,39 @@ def test_detokenizer_property(text: str, cuts: list[int], prefix: str) -> None:
     assert not any("\ufffd" in x for x in deltas)
 
 
+def _context_dependent_tokenizer(kind: str) -> Tokenizer:
+    """A small trained SentencePiece-style (Metaspace) or WordPiece tokenizer: their decode of a
+    token depends on its left context (a leading space, a ``##`` continuation)."""
+    corpus = ["The quick brown fox jumps over the lazy dog.", "héllo wörld, ça va? Grüße!",
+              "Hello there, general Kenobi. You are a bold one."] * 10
+    if kind == "metaspace":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer: trainers.Trainer = trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>"])
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=100, special_tokens=["[UNK]"])
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "wordpiece"])
+def test_detokenizer_left_context_dependent_decoders(kind: str) -> None:
+    tok = _context_dependent_tokenizer(kind)
+    text = "Hello there, the lazy fox. Grüße, héllo wörld, general Kenobi! " * 4
+    ids = tok.encode(text).ids
+    for context in (0, 1, 3):
+        for size in (1, 2, 3, 5):
+            d = IncrementalDetokenizer(tok, ids[:context], special_token_ids=())
+            rest = ids[context:]
+            out = "".join(d.add(rest[i : i + size]) for i in range(0, len(rest), size))
+            full = tok.decode(ids)
+            assert out + d.flush() == full[len(tok.decode(ids[:context])) :], (context, size)
+
+
 def test_skip_special_tokens() -> None:
     ids = [*encode("a"), IM_END, *encode("b"), END]
     for skip in (True, False):
@@ -147,6 +181,7 @@ def test_window_stays_small() -> None:
     for i in ids:
         d.add([i])
         max_window = max(max_window, len(d._ids))  # the decode window, not the whole stream
+    # At most _WINDOW (4) done tokens of left context, plus the pending tail of a character.
     assert len(ids) > 500 and max_window <= 8
 
 
