@@ -5,6 +5,9 @@ directory, models coming and going, engine errors with their kind."""
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +29,7 @@ from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
 from dynamo_backend_common.echo import EchoEngine
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.fixtures import tiny_model_dir
+from dynamo_backend_common.frontend.model_dir import ModelDir
 from dynamo_backend_common.frontend.server import (
     Frontend,
     FrontendConfig,
@@ -248,6 +252,57 @@ async def test_n_choices_get_distinct_seeds_and_errors_fail_the_request() -> Non
         with pytest.raises(openai.APIError, match="engine fell over"):
             async for _ in stream:
                 pass
+
+
+class CountingEngine(EchoEngine):
+    """The echo engine, counting the requests with ``max_tokens`` 7 (not the health canary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        self.calls += request.stop_conditions.max_tokens == 7
+        async for out in super().generate(request, ctx):
+            yield out
+
+
+async def test_client_gone_before_generation_never_reaches_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loading = threading.Event()
+    real_load = ModelDir.load
+
+    def slow_load(*args: Any, **kwargs: Any) -> ModelDir:
+        loading.set()
+        time.sleep(0.5)  # a big tokenizer: the client gives up meanwhile
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(ModelDir, "load", staticmethod(slow_load))
+    engine = CountingEngine()
+    async with Stack() as st:
+        await st.add_worker(engine, "count", str(tiny_model_dir()))
+        host, port = st.url.removeprefix("http://").rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": "count", "prompt": "hi", "max_tokens": 7}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        assert await asyncio.to_thread(loading.wait, 10)
+        writer.close()
+        await writer.wait_closed()
+        async with httpx.AsyncClient(base_url=st.url, timeout=10) as h:
+            for _ in range(200):
+                metrics = (await h.get("/metrics")).text
+                if 'status="cancelled"' in metrics:
+                    break
+                await asyncio.sleep(0.05)
+            assert 'status="cancelled"' in metrics and engine.calls == 0, metrics
+            r = await h.post("/v1/completions", json={"model": "count", "prompt": "hi",
+                                                      "max_tokens": 7})
+            assert r.status_code == 200 and engine.calls == 1
 
 
 def test_error_kind_to_status() -> None:

@@ -26,7 +26,9 @@ event followed by ``data: [DONE]``.
 Streams do not send headers until the engine produced its first chunk, so a request that fails
 before generating anything gets a real HTTP error status even when ``stream`` is true. A client
 that disconnects (streaming or not) stops the request: ``Context.stop_generating()`` reaches the
-worker as a STOP frame and the engine's ``abort`` runs there.
+worker as a STOP frame and the engine's ``abort`` runs there. One that left before generation
+started (while its model directory loaded or its prompt was preprocessed) is noticed before
+any worker is asked.
 """
 
 from __future__ import annotations
@@ -582,6 +584,14 @@ class _GenerationResponse(Response):
         job = self.job
         status = "error"
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, job))
+        # One step for the watcher: a client that left while the body was decoded, the model
+        # directory loaded or the prompt preprocessed is already reported (the server's
+        # ``receive`` answers ``http.disconnect`` at once), so no worker is asked for anything.
+        await asyncio.sleep(0)
+        if job.disconnected:
+            await watcher
+            self.frontend.finished(job, "cancelled")
+            return
         deltas = self.frontend.deltas(job)
         try:
             status = await (self._stream(deltas, send) if job.stream
