@@ -224,6 +224,7 @@ class FileDiscovery(Discovery):
         self._dir_mtime: int | None = None
         self._dir_scanned_ns = 0
         self._live: dict[str, _Record] = {}
+        self._garbage: dict[str, tuple[int, int, int]] = {}  # unparsable file name -> sig
         self._version = 0
         # Watches: one shared poller task, and the futures of the watches waiting on a change.
         self._watchers = 0
@@ -432,6 +433,7 @@ class FileDiscovery(Discovery):
         except FileNotFoundError:
             entries = []
         cache: dict[str, _Record] = {}
+        garbage: dict[str, tuple[int, int, int]] = {}
         leases: set[int] = set()
         for entry in entries:
             name = entry.name
@@ -449,11 +451,16 @@ class FileDiscovery(Discovery):
             sig = (st.st_ino, st.st_mtime_ns, st.st_size)
             record = self._cache.get(name)
             if record is None or record.sig != sig:
+                if self._garbage.get(name) == sig:
+                    garbage[name] = sig
+                    continue
                 record = self._read_record(Path(entry.path), sig)
                 if record is None:
+                    garbage[name] = sig  # not ours (no header): not re-read until it changes
                     continue
             cache[name] = record
         self._cache = cache
+        self._garbage = garbage
         gone = self._leases.keys() - leases
         for owner in gone:
             self._untrack_lease(owner)
@@ -582,6 +589,8 @@ class FileDiscovery(Discovery):
         self._wake_all()
         if self._poller is not None:
             self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
             self._poller = None
         for owner in list(self._leases):
             self._untrack_lease(owner)
