@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import math
 import random
 import shutil
 import statistics
@@ -452,6 +453,15 @@ def plot(loads: dict[str, list[ModeResult]], path: str, title: str) -> None:
             tputs.append(r.output_tokens / r.wall_s)
             bar_colors.append(colors.get(r.mode, "tab:blue"))
     ax1.set_xscale("log")
+    # Plain numbers at 1, 2 and 5 x 10^k: the default minor labels of a short log range overlap.
+    from matplotlib.ticker import FuncFormatter
+
+    def _label(v: float, _pos: int) -> str:
+        lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lead in (1, 2, 5) else ""
+
+    ax1.xaxis.set_major_formatter(FuncFormatter(_label))
+    ax1.xaxis.set_minor_formatter(FuncFormatter(_label))
     ax1.set_xlabel("TTFT (ms, log scale)")
     ax1.set_ylabel("fraction of requests")
     ax1.set_title("TTFT CDF")
