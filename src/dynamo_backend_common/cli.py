@@ -96,6 +96,9 @@ def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
     cls = load_engine_class(args.engine)
     factory = engine_factory(cls, rest)
     config = WorkerConfig.from_args(args)
+    if config.model_path:
+        # Engines that load weights find the worker's --model-path here (from_args defaults).
+        os.environ["DYN_MODEL_PATH"] = config.model_path
     return run(factory, config)
 
 
