@@ -222,7 +222,9 @@ class Worker:
         await self._orchestrate_shutdown()
         if cancelled:
             raise asyncio.CancelledError
-        if self._cleanup_abandoned and exit_code == 0:
+        if exit_code == 0 and (self._cleanup_abandoned or self._shutdown_reason == "lease_lost"):
+            # A lost lease means discovery already dropped this worker: it shut down cleanly,
+            # but not because it was asked to, so a supervisor should restart it.
             exit_code = 1
         return exit_code
 
