@@ -19,10 +19,11 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
+
+from .runtime.loop import run_coroutine
 
 __all__ = ["DEFAULT_PROMPT", "Level", "drive", "main", "percentile", "run_levels"]
 
@@ -168,14 +169,6 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
     return lvl
 
 
-def _run(coro: Coroutine[Any, Any, Level]) -> Level:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Unix
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_tokens: int, *,
                prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
                echo: bool = True) -> list[Level]:
@@ -185,7 +178,7 @@ def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_t
         print(HEADER, flush=True)
     results = []
     for c in levels:
-        lvl = _run(drive(url, model, c, max(requests, c), max_tokens, prompt=prompt,
+        lvl = run_coroutine(drive(url, model, c, max(requests, c), max_tokens, prompt=prompt,
                          api_key=api_key))
         results.append(lvl)
         if echo:

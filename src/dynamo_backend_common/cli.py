@@ -24,10 +24,10 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from .engine import LLMEngine
+from .runtime.loop import run_coroutine
 
 ENGINE_ALIASES = {
     "echo": "dynamo_backend_common.echo:EchoEngine",
@@ -151,7 +151,7 @@ def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
         router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, busy_threshold=args.busy_threshold,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-    return _run_async(serve_frontend(config))
+    return run_coroutine(serve_frontend(config))
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -167,7 +167,7 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
         router_temperature=args.router_temperature, api_key=args.api_key,
         migration_limit=args.migration_limit, namespace=args.namespace,
         start_timeout_s=args.start_timeout, worker_logs=args.worker_logs)
-    return _run_async(run_local(config))
+    return run_coroutine(run_local(config))
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -176,14 +176,6 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise SystemExit(f"dynamo-backend bench: unknown arguments: {' '.join(rest)}")
     return bench_main(args)
-
-
-def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

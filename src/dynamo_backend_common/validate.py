@@ -3,8 +3,9 @@
 The worker wraps every ``generate`` stream in :func:`validate_stream` unless
 :func:`validation_enabled` is false (``DYN_VALIDATE_STREAMS=0`` or ``python -O``). A violation
 raises :class:`StreamContractError`, loudly, instead of letting a client hang or see a mangled
-stream. The wrapper costs about 90 ns per chunk on one x86 core (CPython 3.11, asyncio or uvloop;
-a chunk's msgpack encoding alone costs more), so it stays on in production too.
+stream. The wrapper costs about 190 ns per chunk on one x86 core (CPython 3.11;
+``python benchmarks/validator.py``), a tenth of the worker's whole per-token cost, so it stays
+on in production too.
 
 The rules (``LLMEngine.generate``'s contract):
 

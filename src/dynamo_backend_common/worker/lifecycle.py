@@ -57,6 +57,7 @@ from ..runtime.events import (
     kv_metrics_subject,
     open_event_plane,
 )
+from ..runtime.loop import run_coroutine
 from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ..runtime.status_server import StatusServer
 from ..runtime.transport import RequestPlaneServer
@@ -781,14 +782,7 @@ def run(
         eng = engine if isinstance(engine, LLMEngine) else engine()
         return await Worker(eng, config).run()
 
-    if install_uvloop:
-        try:
-            import uvloop
-
-            return uvloop.run(main())
-        except ImportError:  # pragma: no cover - uvloop is a dependency on Unix
-            pass
-    return asyncio.run(main())
+    return run_coroutine(main(), use_uvloop=install_uvloop)
 
 
 __all__ = ["CONTROL_ENDPOINT", "Worker", "run"]
