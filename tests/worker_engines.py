@@ -27,6 +27,7 @@ from dynamo_backend_common import (
     chunk,
     usage,
 )
+from dynamo_backend_common.echo import _stopped_during as _stopped_within
 from dynamo_backend_common.runtime.context import Context
 
 log = logging.getLogger("worker_engines")
@@ -150,13 +151,3 @@ class LifecycleEngine(LLMEngine):
         if control == "echo":
             return {"status": "ok", "echo": body}
         return {"status": "ok", "requests": len(self.requests), "events": list(self.events)}
-
-
-async def _stopped_within(ctx: GenerateContext, seconds: float) -> bool:
-    """Sleep ``seconds`` unless the context stops first; True if it stopped."""
-    try:
-        async with asyncio.timeout(seconds):
-            await ctx.stopped()
-    except TimeoutError:
-        return False
-    return True

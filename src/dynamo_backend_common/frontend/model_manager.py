@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import ProtocolError
 from ..protocols.codec import from_json
@@ -20,6 +21,8 @@ from ..protocols.discovery import INSTANCES_PREFIX, MODELS_PREFIX, InstanceInfo,
 from ..runtime.discovery import Discovery, DiscoveryEvent
 
 log = logging.getLogger("dynamo_backend_common.frontend")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,23 +112,11 @@ class ModelManager:
     async def _apply(self, kind: str, event: DiscoveryEvent) -> None:
         suffix = event.key[len(kind):]
         if kind == MODELS_PREFIX:
-            if event.kind == "put" and event.value is not None:
-                try:
-                    self._cards[suffix] = from_json(event.value, ModelCard)
-                except ProtocolError as exc:
-                    log.warning("ignoring malformed model card %s: %s", event.key, exc)
-                    return
-            else:
-                self._cards.pop(suffix, None)
+            changed = _update(self._cards, ModelCard, suffix, event, "model card")
         else:
-            if event.kind == "put" and event.value is not None:
-                try:
-                    self._instances[suffix] = from_json(event.value, InstanceInfo)
-                except ProtocolError as exc:
-                    log.warning("ignoring malformed instance %s: %s", event.key, exc)
-                    return
-            else:
-                self._instances.pop(suffix, None)
+            changed = _update(self._instances, InstanceInfo, suffix, event, "instance")
+        if not changed:
+            return
         self._rebuild()
         async with self._changed:
             self._changed.notify_all()
@@ -168,3 +159,17 @@ class ModelManager:
                 fn(name, worker, added)
             except Exception:
                 log.exception("model listener failed")
+
+
+def _update(table: dict[str, T], kind: type[T], suffix: str, event: DiscoveryEvent,
+            what: str) -> bool:
+    """Apply one discovery event to ``table``; False (and a warning) for a malformed value."""
+    if event.kind == "put" and event.value is not None:
+        try:
+            table[suffix] = from_json(event.value, kind)
+        except ProtocolError as exc:
+            log.warning("ignoring malformed %s %s: %s", what, event.key, exc)
+            return False
+    else:
+        table.pop(suffix, None)
+    return True
