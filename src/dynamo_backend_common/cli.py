@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .config import add_plane_args
 from .engine import LLMEngine
 from .runtime.loop import run_coroutine
 
@@ -138,6 +139,7 @@ def _http_args(p: argparse.ArgumentParser, port_default: int) -> None:
 
 
 def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
+    from .config import resolve_discovery, resolve_events
     from .frontend.launcher import serve_frontend
     from .frontend.server import FrontendConfig
     from .log_setup import configure_logging
@@ -146,8 +148,9 @@ def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
         raise SystemExit(f"frontend: unknown arguments: {' '.join(rest)}")
     configure_logging()
     config = FrontendConfig(
-        host=args.host, port=args.port, discovery=args.discovery or None,
-        events=args.events or None, namespace=args.namespace or None,
+        host=args.host, port=args.port,
+        discovery=resolve_discovery(args.discovery, args.discovery_backend),
+        events=resolve_events(args.events, args.event_plane), namespace=args.namespace or None,
         router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, busy_threshold=args.busy_threshold,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes)
@@ -221,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--events", default=os.environ.get("DYN_EVENTS", ""),
                    help="event plane URL for kv mode: zmq:// (default), nats://HOST:PORT "
                         "[DYN_EVENTS]")
+    add_plane_args(f, request_plane=False)
     f.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", ""),
                    help="only serve workers of this namespace (default: all) [DYN_NAMESPACE]")
     _router_args(f)

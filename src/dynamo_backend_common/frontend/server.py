@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, cast
 
 import msgspec
@@ -56,9 +57,11 @@ from starlette.types import Receive, Scope, Send
 from ..errors import BackendError, DynamoError
 from ..protocols.common import CompletionUsage, LLMEngineOutput, PreprocessedRequest
 from ..protocols.common import usage as make_usage
+from ..protocols.discovery import ModelDeploymentCard
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
+from .card_files import materialize
 from .engine_client import EngineClient
 from .metrics import FrontendMetrics, RequestTimer
 from .model_dir import ModelDir, ModelDirError
@@ -242,7 +245,7 @@ class Frontend:
         self.models = ModelManager(self.discovery, namespace=self.config.namespace)
         self.router: Router | None = None
         self.client: EngineClient | None = None
-        self._states: dict[tuple[str, str | None], asyncio.Task[_ModelState]] = {}
+        self._states: dict[str, asyncio.Task[_ModelState]] = {}
         self._api_key = (self.config.api_key or "").encode() or None
         self._started = False
         self._hot = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
@@ -315,7 +318,7 @@ class Frontend:
         """Wait until ``name`` has ``workers`` workers and its model directory is loaded."""
         await self.models.wait_for_model(name, workers=workers, timeout=timeout)
         entry = self.models.models.get(name)
-        if entry is not None and entry.card.source_path:
+        if entry is not None and entry.card.card_json.files():
             await self.model_state(entry)
 
     async def model_state(self, entry: ModelEntry) -> _ModelState:
@@ -325,35 +328,36 @@ class Frontend:
         directory, 500 ``model_load_failed`` when the directory cannot be read here.
         """
         card = entry.card
-        if not card.source_path:
+        if not card.card_json.files():
             raise RequestError(
-                f"model {entry.name!r} was registered without a model directory (worker flag "
+                f"model {entry.name!r} was registered without model files (worker flag "
                 "--model-path), so this frontend has no tokenizer for it and cannot serve it "
                 "over the OpenAI routes",
                 code="model_not_supported", param="model")
-        key = (card.source_path, card.checksum)
+        key = card.checksum
         task = self._states.get(key)
         if task is None:
             task = self._states[key] = asyncio.get_running_loop().create_task(
-                self._load(card.source_path, entry.name, self.config.max_n),
-                name=f"load {card.source_path}")
+                self._load(card.card_json, entry.name, self.config.max_n),
+                name=f"load {entry.name}")
         try:
             return await asyncio.shield(task)
         except ModelDirError as exc:
             if self._states.get(key) is task:
-                del self._states[key]  # retry on the next request (the dir may be fixed)
+                del self._states[key]  # retry on the next request (the files may be fixed)
             raise RequestError(
-                f"cannot load the model directory of {entry.name!r}: {exc}", status=500,
+                f"cannot load the model files of {entry.name!r}: {exc}", status=500,
                 code="model_load_failed", type="server_error") from exc
 
     @staticmethod
-    async def _load(path: str, name: str, max_n: int) -> _ModelState:
-        def load() -> _ModelState:
+    async def _load(card: ModelDeploymentCard, name: str, max_n: int) -> _ModelState:
+        def load() -> tuple[Path, _ModelState]:
+            path = materialize(card)
             md = ModelDir.load(path, name=name)
-            return _ModelState(md, Preprocessor(md, max_n=max_n))
+            return path, _ModelState(md, Preprocessor(md, max_n=max_n))
 
-        state = await asyncio.to_thread(load)
-        log.info("loaded model directory %s for %s", path, name)
+        path, state = await asyncio.to_thread(load)
+        log.info("loaded model files of %s from %s", name, path)
         return state
 
     # -- plumbing ---------------------------------------------------------------------------

@@ -43,9 +43,13 @@ from ..protocols.common import PreprocessedRequest
 from ..protocols.discovery import (
     InstanceInfo,
     ModelCard,
+    ModelDeploymentCard,
     RuntimeConfig,
+    checked_files,
+    endpoint_path,
     instance_key,
     model_key,
+    slugify,
 )
 from ..protocols.kv import LoadSnapshot, RouterEvent
 from ..runtime.context import Context
@@ -111,6 +115,7 @@ class Worker:
         self._publishers: list[KvEventPublisher | SnapshotPublisher] = []
         self._relays: list[Any] = []
         self._controls: list[str] = []
+        self._publishes_kv_events = False
         self._canary: dict[str, Any] | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._health: dict[str, Any] = {"canary": "disabled"}
@@ -384,7 +389,15 @@ class Worker:
                 self._relays.append(relay)
             else:
                 raise DynamoError.invalid_argument(f"unknown KV event source {source!r}")
+        self._publishes_kv_events = True
         log.info("publishing KV events for dp ranks %s", [s.dp_rank for s in sources])
+
+    @property
+    def endpoint_path(self) -> str:
+        """Dynamo's request-plane path of the serving endpoint, ``{id:x}/{ns}/{comp}/{ep}``."""
+        assert self.worker_id is not None
+        cfg = self.config
+        return endpoint_path(self.worker_id, cfg.namespace, cfg.component, cfg.endpoint)
 
     def _served_name(self, engine_cfg: EngineConfig) -> str:
         return self.config.served_model_name or engine_cfg.display_name
@@ -400,7 +413,8 @@ class Worker:
             component=cfg.component,
             endpoint=cfg.endpoint,
             instance_id=self.worker_id,
-            transport={"tcp": f"{advertise}:{port}/{cfg.endpoint}"},
+            transport={"tcp": f"{advertise}:{port}/{self.endpoint_path}"},
+            request_plane_codec="msgpack",
             status_url=(f"http://{_reachable_host(cfg.status_host, cfg.advertise_host)}:"
                         f"{self._status.port}"
                         if self._status is not None else None),
@@ -419,13 +433,13 @@ class Worker:
             )
 
     def build_model_card(self, engine_cfg: EngineConfig) -> ModelCard:
-        """The model card registered for this worker (see ``protocols.discovery``)."""
+        """The model card registered for this worker: Dynamo's ``v1/mdc`` record, whose
+        ``card_json`` names the model directory's files with blake3 checksums (see
+        ``protocols.discovery``)."""
         cfg = self.config
         assert self.worker_id is not None
         mode = cfg.disaggregation_mode
-        checksum = None
-        if cfg.model_path:
-            checksum = _dir_checksum(cfg.model_path)
+        files = checked_files(cfg.model_path) if cfg.model_path else {}
         types = [t.strip().lower() for t in cfg.endpoint_types.split(",") if t.strip()]
         names = {"chat": "Chat", "completions": "Completions", "completion": "Completions"}
         model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
@@ -435,31 +449,41 @@ class Worker:
         if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
             disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
                       "bootstrap_port": engine_cfg.bootstrap_port}
-        return ModelCard(
+        display_name = self._served_name(engine_cfg)
+        card = ModelCard(
             namespace=cfg.namespace,
             component=cfg.component,
             endpoint=cfg.endpoint,
             instance_id=self.worker_id,
-            display_name=self._served_name(engine_cfg),
-            model=engine_cfg.model,
-            source_path=os.path.abspath(cfg.model_path) if cfg.model_path else "",
-            checksum=checksum,
-            model_type=model_type,
-            worker_type=mode.value,
-            kv_cache_block_size=engine_cfg.kv_cache_block_size,
-            migration_limit=cfg.migration_limit,
-            runtime_config=RuntimeConfig(
-                context_length=engine_cfg.context_length,
-                total_kv_blocks=engine_cfg.total_kv_blocks,
-                max_num_seqs=engine_cfg.max_num_seqs,
-                max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
-                data_parallel_size=engine_cfg.data_parallel_size or 1,
-                data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
-                runtime_data=dict(engine_cfg.runtime_data),
-                disaggregated_endpoint=disagg,
-                supported_controls=list(self._controls),
+            card_json=ModelDeploymentCard(
+                display_name=display_name,
+                slug=slugify(display_name),
+                model=engine_cfg.model,
+                source_path=os.path.abspath(cfg.model_path) if cfg.model_path else None,
+                context_length=engine_cfg.context_length or 0,
+                model_type=model_type,
+                worker_type=mode.value,
+                # Dynamo requires a block size; 16 (its default) when the engine has no KV
+                # cache to report.
+                kv_cache_block_size=engine_cfg.kv_cache_block_size or 16,
+                migration_limit=cfg.migration_limit,
+                runtime_config=RuntimeConfig(
+                    context_length=engine_cfg.context_length,
+                    total_kv_blocks=engine_cfg.total_kv_blocks,
+                    max_num_seqs=engine_cfg.max_num_seqs,
+                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
+                    data_parallel_size=engine_cfg.data_parallel_size or 1,
+                    data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
+                    kv_event_publishing_enabled=self._publishes_kv_events,
+                    runtime_data=dict(engine_cfg.runtime_data),
+                    disaggregated_endpoint=disagg,
+                    supported_controls=list(self._controls),
+                ),
             ),
         )
+        for field_name, group in files.items():
+            setattr(card.card_json, field_name, group)
+        return card
 
     async def _wait_for_shutdown(self) -> None:
         assert self._discovery is not None
@@ -746,22 +770,6 @@ async def _quietly(aw: Awaitable[Any]) -> None:
         await aw
     except Exception as exc:
         log.warning("teardown step failed: %s", exc)
-
-
-def _dir_checksum(path: str) -> str | None:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    found = False
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json",
-                 "generation_config.json"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            found = True
-            h.update(name.encode())
-            with open(p, "rb") as f:
-                h.update(f.read())
-    return f"blake2b:{h.hexdigest()}" if found else None
 
 
 def run(
