@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, Reques
 from tests.worker_engines import LifecycleEngine
 
 TIMEOUT = 10.0
+TINY_MODEL = Path(__file__).resolve().parents[1] / "src/dynamo_backend_common/_data/tiny-model"
 STAGES = ["unregister", "router_grace", "stop_admission", "inflight", "kv_transfer", "cleanup"]
 
 
@@ -556,3 +558,35 @@ async def test_bad_discovery_url_fails_fast_without_starting_the_engine() -> Non
     engine = LifecycleEngine()
     assert await Worker(engine, config(discovery="bogus://x")).run() == 1
     assert engine.events == []
+
+
+async def test_card_names_model_files_served_by_the_status_server(tmp_path: Path) -> None:
+    """Like Dynamo with DYN_SYSTEM_PORT set: the card's CheckedFiles are URLs on the worker's
+    status server (``/v1/metadata/...``), so a frontend on another host can fetch them, and
+    their bytes match the blake3 checksums."""
+    import msgspec
+
+    from dynamo_backend_common.frontend.card_files import materialize
+    from dynamo_backend_common.protocols.discovery import MODELS_PREFIX, ModelCard
+    from dynamo_backend_common.runtime.discovery import open_discovery
+
+    tiny = TINY_MODEL
+    cfg = config(model_path=str(tiny), served_model_name="Tiny Model")
+    async with serving(LifecycleEngine(), cfg):
+        assert cfg.discovery is not None
+        entries = await open_discovery(cfg.discovery).get_prefix(MODELS_PREFIX)
+        (card,) = [msgspec.json.decode(v, type=ModelCard) for v in entries.values()]
+        files = card.card_json.files()
+        assert sorted(files) == ["config.json", "generation_config.json", "tokenizer.json",
+                                 "tokenizer_config.json"]
+        tok = files["tokenizer.json"]
+        assert tok.path.startswith("http://127.0.0.1:")
+        assert tok.path.endswith("/v1/metadata/dynamo/backend/generate/tiny_model/_base/"
+                                 "tokenizer.json")
+        async with httpx.AsyncClient(trust_env=False) as http:
+            got = await http.get(tok.path)
+            assert got.status_code == 200
+            assert got.content == (tiny / "tokenizer.json").read_bytes()
+        local = await asyncio.to_thread(materialize, card.card_json, tmp_path / "cache")
+        assert (local / "tokenizer_config.json").read_bytes() == (
+            tiny / "tokenizer_config.json").read_bytes()

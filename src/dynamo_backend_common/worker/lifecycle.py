@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -392,6 +393,40 @@ class Worker:
         self._publishes_kv_events = True
         log.info("publishing KV events for dp ranks %s", [s.dp_rank for s in sources])
 
+    def _metadata_base(self, display_name: str) -> str | None:
+        """Where the status server serves the model files (Dynamo's ``/v1/metadata/...``), so
+        frontends on other hosts can fetch them; ``None`` (local paths in the card) without a
+        status server or with ``DYN_SELF_HOST_METADATA=0``."""
+        if self._status is None or os.environ.get("DYN_SELF_HOST_METADATA", "1").strip() in (
+                "0", "false", "no", "off"):
+            return None
+        cfg = self.config
+        host = _reachable_host(cfg.status_host, cfg.advertise_host)
+        return (f"http://{host}:{self._status.port}/v1/metadata/{cfg.namespace}/"
+                f"{cfg.component}/{cfg.endpoint}/{slugify(display_name)}/_base")
+
+    def _serve_metadata(self, card: ModelCard) -> None:
+        """GET routes for every card file that names a URL on this worker's status server."""
+        if self._status is None or not self.config.model_path:
+            return
+        prefix = f"http://{_reachable_host(self.config.status_host, self.config.advertise_host)}:"
+        prefix += f"{self._status.port}"
+        root = os.path.abspath(self.config.model_path)
+        for name, cf in card.card_json.files().items():
+            if not cf.path.startswith(prefix + "/"):
+                continue
+            file_path = os.path.join(root, name)
+
+            async def serve(_body: bytes, file_path: str = file_path) -> tuple[int, str, bytes]:
+                try:
+                    data = await asyncio.to_thread(Path(file_path).read_bytes)
+                except OSError as exc:
+                    return 404, "application/json", to_json(
+                        {"status": "error", "message": str(exc)})
+                return 200, "application/octet-stream", data
+
+            self._status.add_route("GET", cf.path[len(prefix):], serve)
+
     @property
     def endpoint_path(self) -> str:
         """Dynamo's request-plane path of the serving endpoint, ``{id:x}/{ns}/{comp}/{ep}``."""
@@ -420,6 +455,7 @@ class Worker:
                         if self._status is not None else None),
         )
         card = self.build_model_card(engine_cfg)
+        self._serve_metadata(card)
         ikey = instance_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
         mkey = model_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
         await self._discovery.put(ikey, to_json(info))
@@ -439,7 +475,9 @@ class Worker:
         cfg = self.config
         assert self.worker_id is not None
         mode = cfg.disaggregation_mode
-        files = checked_files(cfg.model_path) if cfg.model_path else {}
+        display_name = self._served_name(engine_cfg)
+        files = (checked_files(cfg.model_path, url_base=self._metadata_base(display_name))
+                 if cfg.model_path else {})
         types = [t.strip().lower() for t in cfg.endpoint_types.split(",") if t.strip()]
         names = {"chat": "Chat", "completions": "Completions", "completion": "Completions"}
         model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
@@ -449,7 +487,6 @@ class Worker:
         if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
             disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
                       "bootstrap_port": engine_cfg.bootstrap_port}
-        display_name = self._served_name(engine_cfg)
         card = ModelCard(
             namespace=cfg.namespace,
             component=cfg.component,
