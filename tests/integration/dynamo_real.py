@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = REPO / "src" / "dynamo_backend_common" / "_data" / "tiny-model"

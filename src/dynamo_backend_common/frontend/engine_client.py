@@ -20,7 +20,7 @@ from ..errors import BackendError, DynamoError
 from ..protocols.codec import from_msgpack, to_msgpack
 from ..protocols.common import LLMEngineOutput, PreprocessedRequest, RoutingHints, usage
 from ..runtime.context import Context
-from ..runtime.transport import RequestPlaneClient
+from ..runtime.transport.dispatch import WorkerClient
 from .model_manager import ModelManager
 from .routing import Routed, Router
 
@@ -48,11 +48,11 @@ class EngineClient:
         models: ModelManager,
         router: Router,
         *,
-        transport: RequestPlaneClient | None = None,
+        transport: WorkerClient | None = None,
     ) -> None:
         self.models = models
         self.router = router
-        self.transport = transport or RequestPlaneClient()
+        self.transport = transport or WorkerClient()
         #: Streams moved to another worker after a mid-stream failure (all requests).
         self.migrations = 0
 
@@ -84,10 +84,8 @@ class EngineClient:
             started = False
             try:
                 sent = _with_target(current, worker.instance_id, routed)
-                stream = self.transport.stream(
-                    worker.address, worker.endpoint, to_msgpack(sent), ctx,
-                    headers={"x-request-id": ctx.id},
-                )
+                stream = self.transport.stream(worker.info, to_msgpack(sent), ctx,
+                                               headers={"x-request-id": ctx.id})
                 offset = len(delivered)  # tokens earlier attempts already delivered
                 try:
                     async for raw in stream:

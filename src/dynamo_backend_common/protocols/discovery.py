@@ -99,14 +99,19 @@ class InstanceInfo(
     status_url: str | None = None
 
     @property
+    def protocol(self) -> str:
+        """``"tcp"`` (Dynamo's TCP request plane) or ``"mux"`` (our private protocol)."""
+        return "tcp" if "tcp" in self.transport else next(iter(self.transport), "")
+
+    @property
     def address(self) -> str:
         """``host:port`` of the request plane."""
-        return self.transport.get("tcp", "").partition("/")[0]
+        return self.transport.get(self.protocol, "").partition("/")[0]
 
     @property
     def path(self) -> str:
-        """The endpoint path to send in requests (after the first ``/`` of ``transport.tcp``)."""
-        return self.transport.get("tcp", "").partition("/")[2]
+        """The endpoint path to send in requests (after the first ``/`` of the transport)."""
+        return self.transport.get(self.protocol, "").partition("/")[2]
 
 
 class CheckedFile(msgspec.Struct, kw_only=True):
