@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 from prometheus_client import CollectorRegistry
 
 from dynamo_backend_common import Context, PreprocessedRequest, StopConditions
@@ -57,7 +56,14 @@ from dynamo_backend_common.frontend.model_manager import ModelManager
 from dynamo_backend_common.frontend.routing import Router
 from dynamo_backend_common.kv.hashing import block_hashes
 from dynamo_backend_common.protocols.codec import to_msgpack
-from dynamo_backend_common.protocols.kv import KvCacheEvent, KvStored, RouterEvent, StoredBlock
+from dynamo_backend_common.protocols.kv import (
+    KvCacheEvent,
+    KvStored,
+    RouterEvent,
+    StoredBlock,
+    decode_kv_events,
+    encode_kv_events,
+)
 from dynamo_backend_common.router import KvIndexer, KvRouter, KvRouterConfig, WorkerKey
 from dynamo_backend_common.runtime.discovery import open_discovery
 from dynamo_backend_common.runtime.events import open_event_plane
@@ -138,12 +144,12 @@ def bench_index(args: argparse.Namespace) -> None:
         f"  ({dt:.2f} s; index: {idx.num_workers} workers, {idx.num_blocks:,} distinct blocks)"
     )
 
-    wire = [msgspec.msgpack.encode(e) for e in events]
-    dec = msgspec.msgpack.Decoder(RouterEvent)
+    wire = [encode_kv_events([e]) for e in events]  # Dynamo's kv-events messages
     idx2 = KvIndexer()
     t0 = time.perf_counter()
     for raw in wire:
-        idx2.apply(dec.decode(raw))
+        for e in decode_kv_events(raw)[0]:
+            idx2.apply(e)
     dt = time.perf_counter() - t0
     print(
         f"  ingest (msgpack): {len(events) / dt:>10,.0f} events/s  {n_blocks / dt:>12,.0f} blocks/s"

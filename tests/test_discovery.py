@@ -1,4 +1,8 @@
-"""Discovery: memory and file backends (etcd is in tests/integration/test_discovery_etcd.py)."""
+"""Discovery: the contract on memory and both file backends, plus the private lease layout.
+
+Dynamo's file layout (``file://``) has its own tests in test_discovery_file.py; etcd is in
+tests/integration/test_discovery_etcd.py.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ from dynamo_backend_common.runtime.discovery import (
     DiscoveryEvent,
     EtcdDiscovery,
     FileDiscovery,
+    LeaseFileDiscovery,
     MemoryDiscovery,
+    file_lease,
     open_discovery,
     parse_etcd_endpoints,
 )
-from dynamo_backend_common.runtime.discovery import file as file_discovery
 
 Factory = Callable[..., Discovery]
 TIMEOUT = 5.0
@@ -42,12 +47,12 @@ def names(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "file+lease"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     """(kind, url) of a fresh, empty store for this test."""
     if request.param == "memory":
         return "memory", f"memory://test-{uuid.uuid4().hex}"
-    return "file", f"file://{tmp_path / 'kv'}"
+    return request.param, f"{request.param}://{tmp_path / 'kv'}"
 
 
 @pytest.fixture
@@ -60,6 +65,8 @@ async def make(backend: tuple[str, str]) -> AsyncGenerator[Factory, None]:
         d: Discovery
         if kind == "file":
             d = FileDiscovery(url.removeprefix("file://"), poll_interval=0.02, **kw)
+        elif kind == "file+lease":
+            d = LeaseFileDiscovery(url.removeprefix("file+lease://"), poll_interval=0.02, **kw)
         else:
             d = open_discovery(url, **kw)
         opened.append(d)
@@ -88,32 +95,46 @@ async def test_put_get_delete(make: Factory) -> None:
 
 
 async def test_odd_keys_and_values_round_trip(make: Factory) -> None:
-    keys = ["a.b/~c", ".hidden", "ünï/cödé", "sp ace%2F", "k/" + "x" * 400, "k/y"]
+    # Every backend takes keys of 3+ segments; the odd parts sit after the bucket (v1/x).
+    keys = [
+        "v1/x/a.b/~c",
+        "v1/x/.hidden",
+        "v1/x/ünï/cödé",
+        "v1/x/sp ace%2F",
+        "v1/x/trailing/",
+        "v1/k/" + "x" * 80,
+        "v1/k/y",
+        "v2/k/z",
+    ]
     async with make() as d:
         for i, key in enumerate(keys):
             await d.put(key, bytes([i, 0, 255, 10]))
         assert await d.get_prefix("") == {k: bytes([i, 0, 255, 10]) for i, k in enumerate(keys)}
-        assert set(await d.get_prefix("k/")) == {"k/" + "x" * 400, "k/y"}
-        assert await d.get_prefix("a.b/~") == {"a.b/~c": bytes([0, 0, 255, 10])}
+        assert set(await d.get_prefix("v1/k/")) == {"v1/k/" + "x" * 80, "v1/k/y"}
+        assert set(await d.get_prefix("v1/k")) == {"v1/k/" + "x" * 80, "v1/k/y"}
+        assert set(await d.get_prefix("v")) == set(keys)
+        assert await d.get_prefix("v1/x/a.b/~") == {"v1/x/a.b/~c": bytes([0, 0, 255, 10])}
+        assert await d.get_prefix("v1/x/a.b/~c/") == {}
+        assert await d.get_prefix("v3") == {}
 
 
 async def test_watch_snapshot_then_live_in_order(make: Factory) -> None:
     async with make() as writer, make() as reader:
-        await writer.put("p/b", b"2")
-        await writer.put("p/a", b"1")
-        await writer.put("q/x", b"other prefix")
-        watch = reader.watch_prefix("p/")
+        await writer.put("t/p/b", b"2")
+        await writer.put("t/p/a", b"1")
+        await writer.put("t/q/x", b"other prefix")
+        watch = reader.watch_prefix("t/p/")
         assert [await next_event(watch), await next_event(watch)] == [
-            DiscoveryEvent("put", "p/a", b"1"),
-            DiscoveryEvent("put", "p/b", b"2"),
+            DiscoveryEvent("put", "t/p/a", b"1"),
+            DiscoveryEvent("put", "t/p/b", b"2"),
         ]
-        await writer.put("p/c", b"3")
-        assert await next_event(watch) == DiscoveryEvent("put", "p/c", b"3")
-        await writer.put("p/c", b"3'")
-        assert await next_event(watch) == DiscoveryEvent("put", "p/c", b"3'")
-        await writer.put("q/y", b"ignored")
-        await writer.delete("p/a")
-        assert await next_event(watch) == DiscoveryEvent("delete", "p/a", None)
+        await writer.put("t/p/c", b"3")
+        assert await next_event(watch) == DiscoveryEvent("put", "t/p/c", b"3")
+        await writer.put("t/p/c", b"3'")
+        assert await next_event(watch) == DiscoveryEvent("put", "t/p/c", b"3'")
+        await writer.put("t/q/y", b"ignored")
+        await writer.delete("t/p/a")
+        assert await next_event(watch) == DiscoveryEvent("delete", "t/p/a", None)
         await watch.aclose()
 
 
@@ -142,16 +163,19 @@ async def test_close_removes_own_keys_and_watchers_see_deletes(make: Factory) ->
     owner, other, reader = make(), make(), make()
     await owner.start()
     await other.start()
-    await owner.put("svc/1", b"owner")
-    await owner.put("svc/shared", b"owner first")
-    await other.put("svc/shared", b"other now")  # overwritten: no longer owner's to remove
-    await other.put("svc/2", b"other")
-    watch = reader.watch_prefix("svc/")
+    await owner.put("t/svc/1", b"owner")
+    await owner.put("t/svc/shared", b"owner first")
+    await other.put("t/svc/shared", b"other now")  # overwritten: no longer owner's to remove
+    await other.put("t/svc/2", b"other")
+    watch = reader.watch_prefix("t/svc/")
     snapshot = {(await next_event(watch)).key for _ in range(3)}
-    assert snapshot == {"svc/1", "svc/2", "svc/shared"}
+    assert snapshot == {"t/svc/1", "t/svc/2", "t/svc/shared"}
     await owner.close()
-    assert await next_event(watch) == DiscoveryEvent("delete", "svc/1", None)
-    assert await reader.get_prefix("svc/") == {"svc/shared": b"other now", "svc/2": b"other"}
+    assert await next_event(watch) == DiscoveryEvent("delete", "t/svc/1", None)
+    assert await reader.get_prefix("t/svc/") == {
+        "t/svc/shared": b"other now",
+        "t/svc/2": b"other",
+    }
     await owner.close()  # idempotent
     await watch.aclose()
 
@@ -159,34 +183,34 @@ async def test_close_removes_own_keys_and_watchers_see_deletes(make: Factory) ->
 async def test_close_ends_own_watches(make: Factory) -> None:
     d = make()
     await d.start()
-    await d.put("w/1", b"x")
-    watch = d.watch_prefix("w/")
-    assert await next_event(watch) == DiscoveryEvent("put", "w/1", b"x")
+    await d.put("t/w/1", b"x")
+    watch = d.watch_prefix("t/w/")
+    assert await next_event(watch) == DiscoveryEvent("put", "t/w/1", b"x")
     pending = asyncio.ensure_future(anext(watch))
     await d.close()
     # Its own key's delete may come first (memory); then the iterator ends.
     with pytest.raises(StopAsyncIteration):
         while True:
             event = await asyncio.wait_for(asyncio.shield(pending), TIMEOUT)
-            assert event == DiscoveryEvent("delete", "w/1", None)
+            assert event == DiscoveryEvent("delete", "t/w/1", None)
             pending = asyncio.ensure_future(anext(watch))
     # A watch opened on a closed Discovery ends at once.
     with pytest.raises(StopAsyncIteration):
-        await anext(d.watch_prefix("w/"))
+        await anext(d.watch_prefix("t/w/"))
 
 
 async def test_two_objects_see_each_other(make: Factory) -> None:
     async with make() as a, make() as b:
         assert a.instance_id != b.instance_id
         assert 0 < a.instance_id < 2**63 and 0 < b.instance_id < 2**63
-        watch_b = b.watch_prefix("peers/")
-        await a.put("peers/a", b"A")
-        assert await next_event(watch_b) == DiscoveryEvent("put", "peers/a", b"A")
-        await b.put("peers/b", b"B")
-        assert await a.get_prefix("peers/") == {"peers/a": b"A", "peers/b": b"B"}
-        assert await next_event(watch_b) == DiscoveryEvent("put", "peers/b", b"B")
-        await b.delete("peers/a")  # anyone may delete any key
-        assert await next_event(watch_b) == DiscoveryEvent("delete", "peers/a", None)
+        watch_b = b.watch_prefix("t/peers/")
+        await a.put("t/peers/a", b"A")
+        assert await next_event(watch_b) == DiscoveryEvent("put", "t/peers/a", b"A")
+        await b.put("t/peers/b", b"B")
+        assert await a.get_prefix("t/peers/") == {"t/peers/a": b"A", "t/peers/b": b"B"}
+        assert await next_event(watch_b) == DiscoveryEvent("put", "t/peers/b", b"B")
+        await b.delete("t/peers/a")  # anyone may delete any key
+        assert await next_event(watch_b) == DiscoveryEvent("delete", "t/peers/a", None)
         await watch_b.aclose()
 
 
@@ -195,7 +219,7 @@ async def test_lifecycle_errors(make: Factory) -> None:
     with pytest.raises(RuntimeError, match="start"):
         _ = d.instance_id
     with pytest.raises(RuntimeError, match="start"):
-        await d.put("k", b"v")
+        await d.put("t/k/v", b"v")
     assert await d.get_prefix("") == {}  # reads need no lease
     await d.start()
     first = d.instance_id
@@ -203,7 +227,7 @@ async def test_lifecycle_errors(make: Factory) -> None:
     assert d.instance_id == first
     await d.close()
     with pytest.raises(RuntimeError, match="closed"):
-        await d.put("k", b"v")
+        await d.put("t/k/v", b"v")
     with pytest.raises(RuntimeError, match="closed"):
         await d.get_prefix("")
     with pytest.raises(RuntimeError, match="closed"):
@@ -211,7 +235,7 @@ async def test_lifecycle_errors(make: Factory) -> None:
     assert not d.lease_lost.is_set()
 
 
-# -- file backend specifics ------------------------------------------------------------------
+# -- lease file backend (file+lease://) specifics -------------------------------------------
 
 CHILD = """
 import asyncio, sys
@@ -239,12 +263,12 @@ async def spawn_registered_child(url: str, key: str, ttl: float) -> asyncio.subp
     return proc
 
 
-async def test_file_sigkilled_process_vanishes(tmp_path: Path) -> None:
-    url = f"file://{tmp_path}"
+async def test_lease_sigkilled_process_vanishes(tmp_path: Path) -> None:
+    url = f"file+lease://{tmp_path}"
     # A long TTL: disappearing within the timeout proves the dead-pid check, not expiry.
     proc = await spawn_registered_child(url, "v1/instances/child", ttl=60)
     try:
-        async with FileDiscovery(tmp_path, poll_interval=0.02) as d:
+        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as d:
             assert await d.get_prefix("v1/") == {"v1/instances/child": b"child"}
             watch = d.watch_prefix("v1/")
             assert await next_event(watch) == DiscoveryEvent("put", "v1/instances/child", b"child")
@@ -260,14 +284,14 @@ async def test_file_sigkilled_process_vanishes(tmp_path: Path) -> None:
         await proc.wait()
 
 
-async def test_file_sigkilled_process_vanishes_without_pidfds(
+async def test_lease_sigkilled_process_vanishes_without_pidfds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Where pidfds are unavailable the pid is polled instead (every min(0.5 s, ttl/4)).
-    monkeypatch.setattr(file_discovery, "_open_pidfd", lambda pid: None)
-    proc = await spawn_registered_child(f"file://{tmp_path}", "k", ttl=60)
+    monkeypatch.setattr(file_lease, "_open_pidfd", lambda pid: None)
+    proc = await spawn_registered_child(f"file+lease://{tmp_path}", "k", ttl=60)
     try:
-        async with FileDiscovery(tmp_path, poll_interval=0.02) as d:
+        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as d:
             watch = d.watch_prefix("")
             assert await next_event(watch) == DiscoveryEvent("put", "k", b"child")
             assert not d._pidfds
@@ -280,10 +304,10 @@ async def test_file_sigkilled_process_vanishes_without_pidfds(
         await proc.wait()
 
 
-async def test_file_keys_vanish_with_their_removed_lease(tmp_path: Path) -> None:
-    async with FileDiscovery(tmp_path) as owner:
+async def test_lease_keys_vanish_with_their_removed_lease(tmp_path: Path) -> None:
+    async with LeaseFileDiscovery(tmp_path) as owner:
         await owner.put("k", b"v")
-        async with FileDiscovery(tmp_path, poll_interval=0.02) as reader:
+        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as reader:
             watch = reader.watch_prefix("")
             assert await next_event(watch) == DiscoveryEvent("put", "k", b"v")
             os.unlink(owner._lease_path(owner.instance_id))  # as a peer reaping it would
@@ -292,10 +316,10 @@ async def test_file_keys_vanish_with_their_removed_lease(tmp_path: Path) -> None
             await watch.aclose()
 
 
-async def test_file_watch_sees_back_to_back_changes(tmp_path: Path) -> None:
+async def test_lease_watch_sees_back_to_back_changes(tmp_path: Path) -> None:
     # Many changes within one directory-mtime tick: the watch still ends on the last state.
-    async with FileDiscovery(tmp_path, poll_interval=0.02) as writer:
-        async with FileDiscovery(tmp_path, poll_interval=0.02) as reader:
+    async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as writer:
+        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as reader:
             watch = reader.watch_prefix("k")
             await writer.put("k0", b"snap")
             state: dict[str, bytes] = {}
@@ -315,13 +339,13 @@ async def test_file_watch_sees_back_to_back_changes(tmp_path: Path) -> None:
             await watch.aclose()
 
 
-async def test_file_idle_watches_share_one_cheap_poller(
+async def test_lease_idle_watches_share_one_cheap_poller(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with FileDiscovery(tmp_path) as writer:
+    async with LeaseFileDiscovery(tmp_path) as writer:
         await writer.put("a/1", b"x")
         await writer.put("b/1", b"y")
-        async with FileDiscovery(tmp_path, poll_interval=0.02) as d:
+        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as d:
             watches = [d.watch_prefix("a/"), d.watch_prefix("b/"), d.watch_prefix("")]
             for w in [*watches, watches[2]]:  # the snapshots: 1, 1 and 2 entries
                 await next_event(w)
@@ -355,11 +379,11 @@ async def test_file_idle_watches_share_one_cheap_poller(
             assert d._poller is None and poller.done()
 
 
-async def test_file_stalled_owner_expires_after_ttl(tmp_path: Path) -> None:
-    owner = FileDiscovery(tmp_path, ttl=0.3)
+async def test_lease_stalled_owner_expires_after_ttl(tmp_path: Path) -> None:
+    owner = LeaseFileDiscovery(tmp_path, ttl=0.3)
     await owner.start()
     await owner.put("k", b"v")
-    async with FileDiscovery(tmp_path, poll_interval=0.02) as reader:
+    async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as reader:
         watch = reader.watch_prefix("")
         assert await next_event(watch) == DiscoveryEvent("put", "k", b"v")
         lease = owner._lease_path(owner.instance_id)
@@ -374,21 +398,25 @@ async def test_file_stalled_owner_expires_after_ttl(tmp_path: Path) -> None:
     await owner.close()
 
 
-async def test_file_lease_lost_when_lease_reaped(tmp_path: Path) -> None:
-    async with FileDiscovery(tmp_path, ttl=0.3) as d:
+async def test_lease_lease_lost_when_lease_reaped(tmp_path: Path) -> None:
+    async with LeaseFileDiscovery(tmp_path, ttl=0.3) as d:
         os.unlink(d._lease_path(d.instance_id))  # what a peer does to a stalled process
         await asyncio.wait_for(d.lease_lost.wait(), TIMEOUT)
 
 
-async def test_file_ignores_garbage_and_reaps_orphans(tmp_path: Path) -> None:
+async def test_lease_ignores_garbage_and_reaps_orphans(tmp_path: Path) -> None:
     (tmp_path / "garbage").write_bytes(b"no header line")
     (tmp_path / "bad-header").write_bytes(b"{not json\nvalue")
     # A key whose owner's lease does not exist (owner crashed before writing it or is gone).
     (tmp_path / "orphan").write_bytes(b'{"key":"orphan","owner":12345}\nvalue')
-    async with FileDiscovery(tmp_path) as d:
+    # Dynamo's layout in the same root: bucket directories, skipped (this used to crash).
+    (tmp_path / "v1" / "instances").mkdir(parents=True)
+    (tmp_path / "v1" / "instances" / "dynamo%2Fx").write_bytes(b"{}")
+    async with LeaseFileDiscovery(tmp_path) as d:
         await d.put("good", b"ok")
-        assert await d.get_prefix("") == {"good": b"ok"}
-    assert names(tmp_path) == ["bad-header", "garbage"]  # the orphan was reaped
+        await d.put("k/" + "x" * 400, b"long")  # hashed file name
+        assert await d.get_prefix("") == {"good": b"ok", "k/" + "x" * 400: b"long"}
+    assert names(tmp_path) == ["bad-header", "garbage", "v1"]  # the orphan was reaped
 
 
 # -- URLs -----------------------------------------------------------------------------------
@@ -400,6 +428,7 @@ async def test_file_ignores_garbage_and_reaps_orphans(tmp_path: Path) -> None:
         "nope",
         "redis://host:1",
         "file://relative/dir",
+        "file+lease://host/dir",
         "etcd://",
         "etcd://host:notaport",
         "etcd://host:70000",
@@ -419,6 +448,9 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(named, MemoryDiscovery) and named.name == "x"
     file_d = open_discovery(f"file://{tmp_path}")
     assert isinstance(file_d, FileDiscovery) and file_d.root == tmp_path
+    lease_d = open_discovery(f"file+lease://{tmp_path}")
+    assert isinstance(lease_d, LeaseFileDiscovery) and lease_d.root == tmp_path
+    assert isinstance(open_discovery("FILE+LEASE://"), LeaseFileDiscovery)
     etcd = open_discovery("etcd://127.0.0.1:2379,other:2380", ttl=3)
     assert isinstance(etcd, EtcdDiscovery) and etcd.ttl == 3.0
     assert etcd.endpoints == ["http://127.0.0.1:2379", "http://other:2380"]
@@ -429,6 +461,7 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     monkeypatch.setenv("DYN_FILE_KV", str(tmp_path / "kv"))
     monkeypatch.delenv("DYN_DISCOVERY", raising=False)
+    monkeypatch.delenv("DYN_DISCOVERY_BACKEND", raising=False)
     default = open_discovery()
     assert isinstance(default, FileDiscovery) and default.root == tmp_path / "kv"
     assert isinstance(open_discovery("file://"), FileDiscovery)

@@ -37,7 +37,7 @@ from dynamo_backend_common.protocols.discovery import (
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "dynamo-1.6.1" / "discovery"
-TINY = Path(__file__).resolve().parents[1] / "src" / "dynamo_backend_common" / "_data" / "tiny-model"
+TINY = Path(__file__).resolve().parents[1] / "src/dynamo_backend_common/_data/tiny-model"
 
 
 def golden(run: str, bucket: str) -> dict[str, bytes]:
@@ -124,14 +124,14 @@ def test_materialize_rejects_a_changed_file(tmp_path: Path) -> None:
         (d / p.name).write_bytes(p.read_bytes())
     card = _card(checked_files(d))
     (d / "tokenizer_config.json").write_bytes(b"{}")  # edited after registration
-    with pytest.raises(ModelDirError, match="tokenizer_config.json.*checksum mismatch"):
+    with pytest.raises(ModelDirError, match=r"tokenizer_config\.json.*checksum mismatch"):
         materialize(card, tmp_path / "cache")
 
 
 def test_materialize_rejects_a_card_without_tokenizer(tmp_path: Path) -> None:
     files = checked_files(TINY)
     del files["tokenizer"]
-    with pytest.raises(ModelDirError, match="names no tokenizer.json"):
+    with pytest.raises(ModelDirError, match=r"names no tokenizer\.json"):
         materialize(_card(files), tmp_path / "cache")
 
 
@@ -141,7 +141,7 @@ def http_model() -> Iterator[tuple[str, list[str]]]:
     hits: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             hits.append(self.path)
             name = self.path.rsplit("/", 1)[-1]
             p = TINY / name

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 from dynamo_backend_common.runtime.discovery import Discovery, open_discovery
 from dynamo_backend_common.runtime.events import (
     EVENT_CHANNELS_PREFIX,
+    EVENT_SOURCES_PREFIX,
     EventPlane,
     MemoryEventPlane,
     Message,
@@ -19,11 +23,24 @@ from dynamo_backend_common.runtime.events import (
     SubjectPattern,
     Subscription,
     ZmqEventPlane,
+    component_subject,
+    decode_segment,
     encode_segment,
     kv_events_subject,
     kv_metrics_subject,
     open_event_plane,
+    parse_component_subject,
     validate_subject,
+)
+from dynamo_backend_common.runtime.events.dynamo_wire import (
+    EndpointRef,
+    EventChannel,
+    EventScope,
+    EventTransport,
+    channel_key,
+    encode_frames,
+    encode_record,
+    random_publisher_id,
 )
 
 TIMEOUT = 5.0
@@ -116,8 +133,8 @@ async def test_open_event_plane_urls() -> None:
     with pytest.raises(ValueError, match="discovery"):
         open_event_plane("zmq://")
     discovery = open_discovery(f"memory://{bus_name()}")
-    zmq_plane = open_event_plane("zmq://", discovery=discovery)
-    assert isinstance(zmq_plane, ZmqEventPlane) and zmq_plane.host == "127.0.0.1"
+    zmq_plane = open_event_plane("zmq://", discovery=discovery, endpoint="gen")
+    assert isinstance(zmq_plane, ZmqEventPlane) and zmq_plane.endpoint == "gen"
     for bad in ("bogus://x", "no-scheme", "zmq://h:1", "nats://"):
         with pytest.raises(ValueError):
             open_event_plane(bad, discovery=discovery)
@@ -228,7 +245,13 @@ async def test_plane_close_ends_subscriptions_and_drops_late_publishes() -> None
         await plane.close()  # idempotent
 
 
-# -- ZMQ plane ----------------------------------------------------------------------------------
+# -- ZMQ plane (Dynamo 1.6.1's form) ----------------------------------------------------------
+NS, COMP = "ns1", "backend"
+KV = kv_events_subject(NS, COMP)
+LOAD = kv_metrics_subject(NS, COMP)
+OTHER = component_subject(NS, COMP, "other-topic")
+
+
 @pytest.fixture(params=["memory", "file"])
 async def discovery_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
@@ -253,34 +276,83 @@ async def probe(publisher: EventPlane, sub: Subscription, subject: str) -> None:
     await recv_until(sub, subject, b"fence")
 
 
+def test_component_subjects_round_trip() -> None:
+    assert parse_component_subject(KV) == (NS, COMP, "kv-events")
+    assert parse_component_subject(component_subject("a.b", "c d/é", "t")) == ("a.b", "c d/é", "t")
+    assert decode_segment(encode_segment("x.y%z")) == "x.y%z"
+    for bad in ("a.b", "namespace.x.component.y", "namespace..component.y.t", "ns.x.component.y.t"):
+        assert parse_component_subject(bad) is None
+
+
 async def test_zmq_plane_between_two_planes(discovery_url: str) -> None:
     async with (
         open_discovery(discovery_url) as d1,
         open_discovery(discovery_url) as d2,
-        open_event_plane("zmq://", discovery=d1) as pub_plane,
+        open_event_plane("zmq://", discovery=d1, endpoint="gen") as pub_plane,
         open_event_plane("zmq://", discovery=d2) as sub_plane,
     ):
-        sub = sub_plane.subscribe("t.>")
-        exact = sub_plane.subscribe("t.exact")
+        assert isinstance(pub_plane, ZmqEventPlane) and isinstance(sub_plane, ZmqEventPlane)
+        sub = sub_plane.subscribe(f"namespace.{NS}.component.{COMP}.>")
+        exact = sub_plane.subscribe(KV)
         await sub.ready()
-        pub_plane.publish("t.probe", b"")  # binds and announces the publisher
+        pub_plane.publish(KV, b"")  # binds and announces the channel
+        pub_plane.publish(OTHER, b"")
         await pub_plane.flush()
-        assert isinstance(pub_plane, ZmqEventPlane) and pub_plane.endpoint is not None
-        key = f"{EVENT_CHANNELS_PREFIX}{d1.instance_id}"
-        assert (await d2.get_prefix(EVENT_CHANNELS_PREFIX))[key] == pub_plane.endpoint.encode()
-        await probe(pub_plane, sub, "t.probe")
-        await probe(pub_plane, exact, "t.exact")
+        await probe(pub_plane, sub, OTHER)
+        await probe(pub_plane, exact, KV)
 
         n = 2_000
         for i in range(n):
-            pub_plane.publish("t.seq", i.to_bytes(4, "big"))
-            pub_plane.publish("u.other", b"not for us")
-            pub_plane.publish("t.exactly", b"only the wildcard")
-        pub_plane.publish("t.exact", b"end")
-        got = [m for m in await recv_until(sub, "t.exact", b"end") if m.subject == "t.seq"]
+            pub_plane.publish(OTHER, i.to_bytes(4, "big"))
+            pub_plane.publish(LOAD, b"not subscribed exactly")
+        pub_plane.publish(KV, b"end")
+        # One PUB per topic: ordering holds per subject, not across subjects.
+        got = [m for m in await recv_until(sub, KV, b"end") if m.subject == OTHER]
+        while len(got) < n:
+            got.append(await recv(sub))
+            if got[-1].subject != OTHER:
+                got.pop()
         assert [int.from_bytes(m.payload, "big") for m in got] == list(range(n))
-        assert await recv(exact) == Message("t.exact", b"end")  # "t.exactly" filtered out
-        assert sub.dropped == 0
+        assert await recv(exact) == Message(KV, b"end")
+        assert sub.dropped == 0 and sub_plane.sequence_gaps == 0 and sub_plane.malformed == 0
+        assert set(pub_plane.publishers) == {KV, OTHER, LOAD}
+
+
+async def test_zmq_plane_announces_dynamo_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_EVENT_PLANE_HOST", "127.0.0.1")
+    async with (
+        open_discovery(f"memory://{bus_name()}") as d,
+        open_event_plane("zmq://", discovery=d, endpoint="generate") as plane,
+    ):
+        assert isinstance(plane, ZmqEventPlane) and plane.host == "127.0.0.1"
+        plane.publish(KV, b"x")
+        plane.publish(LOAD, b"y")
+        await plane.flush()
+        (kv_pid, kv_addr), (load_pid, load_addr) = plane.publishers[KV], plane.publishers[LOAD]
+        assert kv_pid != load_pid and kv_addr != load_addr and 0 < kv_pid < 2**53
+        assert kv_addr.startswith("tcp://127.0.0.1:")
+        channels = await d.get_prefix(EVENT_CHANNELS_PREFIX)
+        scope = {"kind": "endpoint",
+                 "endpoint": {"namespace": NS, "component": COMP, "name": "generate"}}
+        base = f"namespace/{NS}/component/{COMP}/endpoint/generate/topic"
+        assert json.loads(channels[f"{EVENT_CHANNELS_PREFIX}{base}/kv-events/{kv_pid:x}"]) == {
+            "type": "EventChannel", "scope": scope, "topic": "kv-events", "instance_id": kv_pid,
+            "transport": {"kind": "Zmq", "config": {"endpoint": kv_addr}}}
+        assert f"{EVENT_CHANNELS_PREFIX}{base}/kv_metrics/{load_pid:x}" in channels
+        sources = await d.get_prefix(EVENT_SOURCES_PREFIX)
+        assert list(sources) == [f"{EVENT_SOURCES_PREFIX}{base}/kv-events/{kv_pid:x}"]
+        value = next(iter(sources.values()))
+        assert b" " not in value and not value.endswith(b"\n")
+        assert json.loads(value) == {
+            "type": "EventSource", "scope": scope, "topic": "kv-events", "publisher_id": kv_pid,
+            "metadata": {"kv_state_endpoint": scope["endpoint"],
+                         "worker": {"worker_id": d.instance_id, "dp_rank": 0},
+                         "publisher_id": kv_pid}}
+        with pytest.raises(ValueError, match="namespace"):
+            plane.publish("not.a.component.subject", b"")
+    # close() deleted the records
+    async with open_discovery(f"memory://{bus_name()}") as d2:
+        assert await d2.get_prefix("v1/") == {}
 
 
 async def test_zmq_plane_follows_discovery(discovery_url: str) -> None:
@@ -291,17 +363,38 @@ async def test_zmq_plane_follows_discovery(discovery_url: str) -> None:
         open_event_plane("zmq://", discovery=d2) as sub_plane,
     ):
         assert isinstance(sub_plane, ZmqEventPlane)
-        sub = sub_plane.subscribe("late")
+        sub = sub_plane.subscribe(LOAD)
         await sub.ready()
         pub_plane = open_event_plane("zmq://", discovery=d1)
         await pub_plane.start()
-        await probe(pub_plane, sub, "late")
-        key = f"{EVENT_CHANNELS_PREFIX}{d1.instance_id}"
-        assert key in sub_plane._peers
+        await probe(pub_plane, sub, LOAD)
+        assert isinstance(pub_plane, ZmqEventPlane)
+        pid = pub_plane.publishers[LOAD][0]
+        assert pid in sub_plane._by_publisher
         await pub_plane.close()
-        assert key not in await d1.get_prefix(EVENT_CHANNELS_PREFIX)
-        await asyncio.wait_for(sub_plane._wait_for(lambda: key not in sub_plane._peers), TIMEOUT)
-        assert sub_plane._endpoint_refs == {}
+        assert await d1.get_prefix(EVENT_CHANNELS_PREFIX) == {}
+        await asyncio.wait_for(
+            sub_plane._wait_for(lambda: pid not in sub_plane._by_publisher), TIMEOUT)
+        assert sub_plane._address_refs == {} and sub_plane._topic_refs == {}
+
+
+async def test_zmq_plane_unsubscribe_disconnects_unwanted_channels() -> None:
+    async with (
+        open_discovery(f"memory://{bus_name()}") as d,
+        open_event_plane("zmq://", discovery=d) as plane,
+    ):
+        assert isinstance(plane, ZmqEventPlane)
+        a = plane.subscribe(KV)
+        b = plane.subscribe(LOAD)
+        plane.publish(KV, b"")
+        plane.publish(LOAD, b"")
+        await plane.flush()
+        await probe(plane, a, KV)
+        await probe(plane, b, LOAD)
+        assert plane._topic_refs == {b"kv-events": 1, b"kv_metrics": 1}
+        await a.close()
+        assert plane._topic_refs == {b"kv_metrics": 1} and len(plane._address_refs) == 1
+        await probe(plane, b, LOAD)
 
 
 async def test_zmq_plane_receives_its_own_messages() -> None:
@@ -309,10 +402,98 @@ async def test_zmq_plane_receives_its_own_messages() -> None:
         open_discovery(f"memory://{bus_name()}") as d,
         open_event_plane("zmq://", discovery=d) as plane,
     ):
-        sub = plane.subscribe("self")
-        plane.publish("self", b"")
+        sub = plane.subscribe(KV)
+        plane.publish(KV, b"")
         await plane.flush()
-        await probe(plane, sub, "self")
+        await probe(plane, sub, KV)
+
+
+class RawPublisher:
+    """A hand-made Dynamo-style publisher: its own PUB socket and discovery records."""
+
+    def __init__(self, d: Discovery, topic: str, endpoint: str = "generate") -> None:
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pid = random_publisher_id()
+        self.topic = topic
+        self.d = d
+        self.key = channel_key(NS, COMP, endpoint, topic, self.pid)
+        self.record = EventChannel(EventScope("endpoint", EndpointRef(NS, COMP, endpoint)), topic,
+                                   self.pid, EventTransport.zmq(self.address))
+
+    async def announce(self) -> None:
+        await self.d.put(self.key, encode_record(self.record))
+
+    def send(self, seq: int, payload: bytes) -> None:
+        self.sock.send_multipart(encode_frames(self.topic, self.pid, seq, payload))
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+async def _raw_probe(raw: RawPublisher, sub: Subscription, start: int) -> int:
+    """Like :func:`probe` for a raw publisher; returns the next sequence number."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TIMEOUT
+    seq = start
+    while True:
+        raw.send(seq, b"probe")
+        seq += 1
+        try:
+            await asyncio.wait_for(anext(sub), 0.05)
+            return seq
+        except TimeoutError:
+            if loop.time() > deadline:
+                raise AssertionError("no probe arrived") from None
+
+
+async def test_zmq_plane_follows_a_foreign_publisher_and_counts_trouble(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A channel announced by someone else (as a Dynamo worker would): messages arrive with the
+    envelope's payload; malformed ones are counted and logged once, never fatal; sequence gaps
+    are counted; an undecodable record is skipped."""
+    async with (
+        open_discovery(f"memory://{bus_name()}") as d,
+        open_event_plane("zmq://", discovery=d) as plane,
+    ):
+        assert isinstance(plane, ZmqEventPlane)
+        raw = RawPublisher(d, "kv-events", endpoint="other-ep")
+        try:
+            await d.put(f"{EVENT_CHANNELS_PREFIX}garbage/1", b"{not json")
+            await raw.announce()
+            sub = plane.subscribe(KV)
+            await sub.ready()
+            assert plane.bad_records == 1
+            seq = await _raw_probe(raw, sub, 0)
+            good = encode_frames("kv-events", raw.pid, seq, b"payload")
+            bad_version = [*good[:3], b"\x02" + good[3][1:]]
+            short = [*good[:3], good[3][:-1]]
+            with caplog.at_level(logging.WARNING, "dynamo_backend_common.runtime.events"):
+                raw.send_raw(good)
+                raw.send_raw(good[:3])  # 3 frames
+                raw.send_raw(bad_version)
+                raw.send_raw(short)
+                raw.send_raw([*good[:3], b"\x01\x00\x00\x00\x02\xc1\xc1"])  # not msgpack
+                raw.send_raw([good[0], good[1], (seq + 7).to_bytes(8, "big"), good[3]])
+                raw.send(seq + 1, b"after")  # follows the previous good one: no gap counted
+            assert await recv(sub) == Message(KV, b"payload")
+            assert await recv(sub) == Message(KV, b"after")
+            assert plane.malformed == 5  # the last raw one's envelope disagrees with frame 2
+            assert plane.sequence_gaps == 0
+            raw.send(seq + 5, b"gap")
+            assert await recv(sub) == Message(KV, b"gap")
+            assert plane.sequence_gaps == 1
+            malformed_lines = [r for r in caplog.records if "malformed message" in r.getMessage()]
+            assert len(malformed_lines) == 1  # rate-limited
+            await d.delete(raw.key)
+            await asyncio.wait_for(plane._wait_for(lambda: not plane._by_publisher), TIMEOUT)
+        finally:
+            raw.close()
 
 
 async def test_zmq_plane_needs_started_discovery() -> None:
@@ -329,9 +510,22 @@ async def test_zmq_plane_ready_fails_once_discovery_is_gone() -> None:
     await d.start()
     async with open_event_plane("zmq://", discovery=d) as plane:
         assert isinstance(plane, ZmqEventPlane)
-        sub = plane.subscribe("x")
+        sub = plane.subscribe(KV)
         await sub.ready()
         await d.close()  # ends the plane's watch: it can no longer find publishers
         await asyncio.wait_for(plane._wait_for(lambda: plane._watch_ended), TIMEOUT)
         with pytest.raises(RuntimeError):
             await sub.ready()
+
+
+async def test_zmq_plane_host_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = open_discovery(f"memory://{bus_name()}")
+    monkeypatch.setenv("DYN_EVENT_PLANE_HOST", "127.0.0.2")
+    plane = open_event_plane("zmq://", discovery=d)
+    assert isinstance(plane, ZmqEventPlane)
+    assert (plane.host, plane.advertise_host) == ("127.0.0.2", "127.0.0.2")
+    explicit = ZmqEventPlane(d, host="0.0.0.0")
+    assert explicit.advertise_host == "127.0.0.2"  # a wildcard bind advertises the env host
+    assert open_event_plane("zmq://127.0.0.3", discovery=d).host == "127.0.0.3"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        ZmqEventPlane(d, endpoint="a/b")

@@ -23,7 +23,13 @@ from dynamo_backend_common.kv.hashing import block_hashes
 from dynamo_backend_common.mocker import MockerEngine
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
 from dynamo_backend_common.protocols.common import LLMEngineOutput, RoutingHints
-from dynamo_backend_common.protocols.kv import KvCacheEvent, KvStored, RouterEvent, StoredBlock
+from dynamo_backend_common.protocols.kv import (
+    KvCacheEvent,
+    KvStored,
+    RouterEvent,
+    StoredBlock,
+    encode_kv_events,
+)
 from dynamo_backend_common.runtime.discovery import open_discovery
 from dynamo_backend_common.runtime.events import kv_events_subject, open_event_plane
 from dynamo_backend_common.worker import Worker
@@ -85,8 +91,7 @@ class Stack:
         worker = next(w for e in self.models.models.values() for i, w in e.workers.items()
                       if i == instance_id)
         out: list[int] = []
-        stream = self.client.transport.stream(
-            worker.address, worker.endpoint, to_msgpack(request), Context())
+        stream = self.client.transport.stream(worker.info, to_msgpack(request), Context())
         try:
             async for raw in stream:
                 out.extend(from_msgpack(raw, LLMEngineOutput).token_ids)
@@ -96,7 +101,7 @@ class Stack:
 
     def publish_kv(self, event: RouterEvent) -> None:
         """Publish a KV event as a worker of the default namespace/component would."""
-        self.events.publish(kv_events_subject("dynamo", "backend"), to_msgpack(event))
+        self.events.publish(kv_events_subject("dynamo", "backend"), encode_kv_events([event]))
 
 
 async def test_round_robin_spreads_requests_over_two_workers() -> None:
@@ -329,3 +334,80 @@ async def test_kv_event_gap_drops_the_workers_entries(caplog: pytest.LogCaptureF
         stack.publish_kv(stored(6, hashes[:3]))  # the stream goes on from the new baseline
         await stack.router.wait_for(lambda: index.find_matches(hashes) == {(other, 0): 3}, 5)
         assert stack.router.kv_event_gaps == 1
+
+
+class _KvEchoEngine(EchoEngine):
+    """An echo engine with a KV publisher and a load publisher the test drives by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv: KvEventPublisher | None = None
+        self.load: SnapshotPublisher | None = None
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        cfg = await super().start(worker_id)
+        return dataclasses.replace(cfg, kv_cache_block_size=4, total_kv_blocks=64)
+
+    async def kv_event_sources(self) -> list[KvEventSource]:
+        return [PushKvEventSource(self._set_kv)]
+
+    def _set_kv(self, publisher: KvEventPublisher) -> None:
+        self.kv = publisher
+
+    async def setup_metrics(self, ctx: MetricsCtx) -> MetricsBindings:
+        return MetricsBindings(dp_ranks=[0], on_publisher_ready=self._set_load)
+
+    def _set_load(self, publisher: SnapshotPublisher) -> None:
+        self.load = publisher
+
+
+async def test_worker_publishes_dynamo_formats_and_batches_events_of_one_moment() -> None:
+    """The worker's publishing path: KV events produced together go out as one Dynamo list
+    message; loads are Dynamo's ActiveLoad with our kv_total_blocks."""
+    bus = uuid.uuid4().hex
+    async with Stack("round_robin", bus) as stack:
+        kv_sub = stack.events.subscribe(kv_events_subject("dynamo", "backend"))
+        load_sub = stack.events.subscribe(kv_metrics_subject("dynamo", "backend"))
+        engine = _KvEchoEngine()
+        worker = await stack.add_worker(engine, "kv-echo")
+        assert engine.kv is not None and engine.load is not None
+        hashes = block_hashes(list(range(12)), 4)
+        engine.kv.publish_stored(hashes[:2], token_ids=list(range(8)), block_size=4)
+        engine.kv.publish_stored(hashes[2:], parent_hash=hashes[1])
+        engine.kv.publish_removed(hashes[2:])
+        msg = await asyncio.wait_for(anext(kv_sub), 5)
+        plain = msgspec.msgpack.decode(msg.payload)
+        assert [e["event"]["event_id"] for e in plain] == [0, 1, 2]  # one message, three events
+        assert list(plain[0]["event"]["data"]) == ["stored"]
+        assert plain[0]["event"]["data"]["stored"]["blocks"][1]["tokens_hash"] == (
+            local_block_hashes(list(range(8)), 4)[1])
+        assert plain[2]["event"]["data"] == {"removed": {"block_hashes": hashes[2:]}}
+        events, unknown = decode_kv_events(msg.payload)
+        assert unknown == 0 and {e.worker_id for e in events} == {worker.worker_id}
+        engine.kv.publish_cleared()
+        msg = await asyncio.wait_for(anext(kv_sub), 5)
+        assert msgspec.msgpack.decode(msg.payload)[0]["event"]["data"] == "cleared"
+
+        engine.load.publish(0, ComponentSnapshot(kv_used_blocks=3, kv_total_blocks=64,
+                                                 gpu_cache_usage=0.05))
+        msg = await asyncio.wait_for(anext(load_sub), 5)
+        assert msgspec.msgpack.decode(msg.payload) == {
+            "worker_id": worker.worker_id, "dp_rank": 0, "active_decode_blocks": None,
+            "active_prefill_tokens": None, "kv_used_blocks": 3, "kv_total_blocks": 64}
+
+
+async def test_kv_router_takes_a_dynamo_workers_capacity_from_its_card() -> None:
+    """A load without kv_total_blocks (Dynamo's ActiveLoad) gets the card's total_kv_blocks,
+    so the busy threshold works for Dynamo workers too."""
+    async with Stack("kv", uuid.uuid4().hex, busy_threshold=0.5) as stack:
+        await stack.add_worker(
+            MockerEngine(speedup_ratio=0, block_size=4, num_gpu_blocks=100), "mock-cap")
+        await stack.models.wait_for_model("mock-cap", workers=1, timeout=10)
+        (iid,) = stack.models.models["mock-cap"].workers
+        stack.events.publish(kv_metrics_subject("dynamo", "backend"), encode_load(
+            LoadSnapshot(worker_id=iid, kv_used_blocks=70)))
+        await stack.router.wait_for(
+            lambda: (snap := stack.router.load((iid, 0))) is not None
+            and snap.kv_used_blocks == 70, timeout=5)
+        snap = stack.router.load((iid, 0))
+        assert snap is not None and snap.kv_total_blocks == 100

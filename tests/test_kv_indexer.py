@@ -19,6 +19,8 @@ from dynamo_backend_common.protocols.kv import (
     KvStored,
     RouterEvent,
     StoredBlock,
+    decode_kv_events,
+    encode_kv_events,
 )
 from dynamo_backend_common.router import KvIndexer, WorkerKey
 from dynamo_backend_common.runtime.publishers import KvEventPublisher
@@ -170,23 +172,26 @@ def test_other_storage_tiers_are_ignored() -> None:
 
 
 def test_events_from_publisher_roundtrip_msgpack() -> None:
-    """Events as a worker publishes them, after a trip through msgpack, index as expected."""
+    """Events as a worker publishes them, after a trip through Dynamo's kv-events wire format,
+    index as expected."""
     idx = KvIndexer()
     wire: list[bytes] = []
-    pub = KvEventPublisher(
-        worker_id=42, dp_rank=1, sink=lambda e: wire.append(msgspec.msgpack.encode(e))
-    )
+    pub = KvEventPublisher(worker_id=42, dp_rank=1, sink=lambda e: wire.append(
+        encode_kv_events([e])))
     tokens = prompt(6)
     hs = block_hashes(tokens, BS)
     pub.publish_stored(hs[:3])
     pub.publish_stored(hs[3:], parent_hash=hs[2])
     pub.publish_removed([hs[5]])
-    dec = msgspec.msgpack.Decoder(RouterEvent)
     for raw in wire:
-        idx.apply(dec.decode(raw))
+        (event,), unknown = decode_kv_events(raw)
+        assert unknown == 0
+        idx.apply(event)
     assert idx.find_matches(block_hashes(tokens, BS)) == {(42, 1): 5}
-    pub.publish_cleared()
-    idx.apply(dec.decode(msgspec.msgpack.encode(RouterEvent(42, KvCacheEvent(3, KvCleared(), 1)))))
+    cleared = encode_kv_events([RouterEvent(42, KvCacheEvent(3, KvCleared(), 1))])
+    assert msgspec.msgpack.decode(cleared)[0]["event"]["data"] == "cleared"
+    for event in decode_kv_events(cleared)[0]:
+        idx.apply(event)
     assert idx.find_matches(hs) == {}
 
 

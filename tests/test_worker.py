@@ -28,7 +28,8 @@ from dynamo_backend_common import (
 from dynamo_backend_common.config import DisaggregationMode, ShutdownConfig, WorkerConfig
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
-from dynamo_backend_common.runtime.transport import RequestPlaneClient
+from dynamo_backend_common.protocols.discovery import InstanceInfo
+from dynamo_backend_common.runtime.transport.dispatch import WorkerClient
 from dynamo_backend_common.runtime.worker_metrics import WorkerMetrics
 from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, RequestTracker, Worker
 from tests.worker_engines import LifecycleEngine
@@ -68,16 +69,21 @@ async def serving(engine: LifecycleEngine, cfg: WorkerConfig | None = None,
         assert await asyncio.wait_for(task, TIMEOUT) == exit_code
 
 
+def info_of(worker: Worker) -> InstanceInfo:
+    assert worker.instance_info is not None, "worker not registered"
+    return worker.instance_info
+
+
 def req(n: int, prompt: Sequence[int] = (1, 2, 3)) -> bytes:
     return to_msgpack(PreprocessedRequest(token_ids=list(prompt),
                                           stop_conditions=StopConditions(max_tokens=n)))
 
 
-async def collect(client: RequestPlaneClient, worker: Worker, payload: bytes,
+async def collect(client: WorkerClient, worker: Worker, payload: bytes,
                   ctx: Context | None = None) -> list[LLMEngineOutput]:
     assert worker.address is not None
     return [from_msgpack(raw, LLMEngineOutput)
-            async for raw in client.stream(worker.address, "generate", payload, ctx)]
+            async for raw in client.stream(info_of(worker), payload, ctx)]
 
 
 def samples(worker: Worker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -125,7 +131,7 @@ async def test_health_is_503_before_ready_200_when_ready_503_once_shutdown_start
     engine.hold = asyncio.Event()
     worker = Worker(engine, config())
     task = asyncio.create_task(worker.run())
-    client = RequestPlaneClient()
+    client = WorkerClient()
     try:
         await asyncio.wait_for(engine.entered.wait(), TIMEOUT)
         assert worker.status_port is not None
@@ -224,15 +230,16 @@ async def test_unknown_control_is_a_clear_invalid_argument() -> None:
         assert err.value.message == (
             "unknown engine control 'reboot'; supported: ['echo', 'stats']")
         assert worker.address is not None
-        async with RequestPlaneClient() as client:
+        async with WorkerClient() as client:
             with pytest.raises(DynamoError) as wire:
-                async for _ in client.stream(worker.address, CONTROL_ENDPOINT,
-                                             to_msgpack({"control": "reboot"})):
+                async for _ in client.stream(info_of(worker), to_msgpack({"control": "reboot"}),
+                                             endpoint=CONTROL_ENDPOINT):
                     pass
             assert wire.value.kind is BackendError.InvalidArgument
             assert "unknown engine control 'reboot'" in wire.value.message
             with pytest.raises(DynamoError) as bad:
-                async for _ in client.stream(worker.address, CONTROL_ENDPOINT, b"\xc1"):
+                async for _ in client.stream(info_of(worker), b"\xc1",
+                                             endpoint=CONTROL_ENDPOINT):
                     pass
             assert bad.value.kind is BackendError.InvalidArgument
             assert "bad control request" in bad.value.message
@@ -246,8 +253,8 @@ async def test_plain_connection_drop_never_calls_abort_but_explicit_stop_does() 
     async with serving(engine) as worker:
         assert worker.address is not None
         # Dropped: the connection closes mid-stream, no STOP.
-        client = RequestPlaneClient()
-        stream = client.stream(worker.address, "generate", req(10_000))
+        client = WorkerClient()
+        stream = client.stream(info_of(worker), req(10_000))
         await anext(stream)
         engine.finished.clear()
         await client.close()
@@ -258,9 +265,9 @@ async def test_plain_connection_drop_never_calls_abort_but_explicit_stop_does() 
         await asyncio.wait_for(engine.finished.wait(), TIMEOUT)  # generate was closed
         # Explicitly stopped: abort exactly once.
         ctx = Context()
-        async with RequestPlaneClient() as client2:
+        async with WorkerClient() as client2:
             chunks: list[LLMEngineOutput] = []
-            async for raw in client2.stream(worker.address, "generate", req(10_000), ctx):
+            async for raw in client2.stream(info_of(worker), req(10_000), ctx):
                 chunks.append(from_msgpack(raw, LLMEngineOutput))
                 ctx.stop_generating()
         assert chunks[-1].finish_reason == FinishReason.CANCELLED
@@ -275,7 +282,7 @@ async def test_plain_connection_drop_never_calls_abort_but_explicit_stop_does() 
 async def test_decode_mode_fires_the_first_token_signal(mode: DisaggregationMode) -> None:
     engine = LifecycleEngine()
     async with serving(engine, config(disaggregation_mode=mode)) as worker, \
-            RequestPlaneClient() as client:
+            WorkerClient() as client:
         ctx = Context()
         await collect(client, worker, req(3), ctx)
     if mode is DisaggregationMode.DECODE:
@@ -290,7 +297,7 @@ async def test_decode_mode_fires_the_first_token_signal(mode: DisaggregationMode
 
 async def test_request_metrics_count_success_cancelled_and_error() -> None:
     engine = LifecycleEngine(delay_s=0.001)
-    async with serving(engine) as worker, RequestPlaneClient() as client:
+    async with serving(engine) as worker, WorkerClient() as client:
         assert metric(worker, "dynamo_component_requests_total") == 0
         for _ in range(3):
             assert len(await collect(client, worker, req(4))) == 4
@@ -350,7 +357,7 @@ async def test_failed_start_still_runs_cleanup_once_and_fails() -> None:
 async def test_request_after_admission_closed_gets_worker_draining() -> None:
     engine = LifecycleEngine()
     engine.hold = asyncio.Event()
-    async with serving(engine) as worker, RequestPlaneClient() as client:
+    async with serving(engine) as worker, WorkerClient() as client:
         held = asyncio.create_task(collect(client, worker, req(3)))
         await until(lambda: engine.requests)
         worker.request_shutdown("test")
@@ -422,7 +429,7 @@ async def test_wildcard_bind_advertises_a_connectable_address() -> None:
     from dynamo_backend_common.runtime.discovery import open_discovery
 
     cfg = config(host="0.0.0.0", status_host="0.0.0.0")
-    async with serving(LifecycleEngine(), cfg) as worker, RequestPlaneClient() as client:
+    async with serving(LifecycleEngine(), cfg) as worker, WorkerClient() as client:
         assert cfg.discovery is not None
         entries = await open_discovery(cfg.discovery).get_prefix(INSTANCES_PREFIX)
         (info,) = [msgspec.json.decode(v, type=InstanceInfo) for v in entries.values()]
@@ -430,7 +437,7 @@ async def test_wildcard_bind_advertises_a_connectable_address() -> None:
         assert host not in ("0.0.0.0", "", "::")
         assert info.status_url is not None and "0.0.0.0" not in info.status_url
         chunks = [from_msgpack(raw, LLMEngineOutput)
-                  async for raw in client.stream(info.address, info.endpoint, req(2))]
+                  async for raw in client.stream(info, req(2))]
         assert [t for c in chunks for t in c.token_ids] == [0, 1]
         async with httpx.AsyncClient(trust_env=False) as http:
             assert (await http.get(info.status_url + "/live")).status_code == 200
@@ -471,7 +478,7 @@ class SlowAbortEngine(LifecycleEngine):
 
 async def test_cleanup_waits_for_abort_calls_still_running() -> None:
     engine = SlowAbortEngine(delay_s=0.01)
-    async with serving(engine) as worker, RequestPlaneClient() as client:
+    async with serving(engine) as worker, WorkerClient() as client:
         ctx = Context()
         ctx.stop_generating()
         await collect(client, worker, req(100), ctx)
@@ -498,7 +505,7 @@ class BadPayloadEngine(LifecycleEngine):
 
 
 async def test_failing_health_check_payload_disables_the_canary_not_the_worker() -> None:
-    async with serving(BadPayloadEngine()) as worker, RequestPlaneClient() as client:
+    async with serving(BadPayloadEngine()) as worker, WorkerClient() as client:
         ok, details = await worker._health_check()
         assert ok and details["canary"] == "disabled"
         assert len(await collect(client, worker, req(2))) == 2

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from dynamo_real import Deployment, deployment, models, wait_for_model, wait_until
 
 pytestmark = pytest.mark.integration
@@ -166,7 +165,7 @@ def test_sigterm_of_our_worker_under_dynamo_loses_no_request(deployment: Deploym
                         n += 1
                     finish = ch.choices[0].finish_reason or finish
             results.append((finish, n))
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     _ = c

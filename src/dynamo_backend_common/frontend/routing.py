@@ -22,6 +22,13 @@ KV index upkeep (``kv`` mode), one :class:`KvIndexer` for all models:
   revealed the gap starts the rank's new baseline. Stale entries would attract requests to a
   cold cache; missing ones only cost a prefill, so dropping is the safe resync.
 - a ``cleared`` event drops the rank's entries; ``removed`` drops the named blocks.
+
+Messages are NVIDIA Dynamo 1.6.1's (``protocols.kv``): a ``kv-events`` message is a list of
+RouterEvent, a ``kv_metrics`` message one ActiveLoad, so Dynamo's workers (the mocker, vLLM
+through Dynamo) are routed like ours. A load without ``kv_total_blocks`` (Dynamo's never has
+one) takes the capacity from the worker's card (``runtime_config.total_kv_blocks``, per rank).
+Malformed messages are dropped, counted (``kv_events_malformed``, the ``malformed`` result of
+the events metric) and logged at most once per 10 s.
 """
 
 from __future__ import annotations
@@ -29,17 +36,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import ProtocolError
-from ..protocols.codec import from_msgpack
-from ..protocols.kv import LoadSnapshot, RouterEvent
+from ..protocols.kv import LoadSnapshot, decode_kv_events, decode_load
 from ..router import KvIndexer, KvRouterConfig, RouteDecision, RoutingPolicy, WorkerKey, make_policy
 from ..router.policies import POLICY_NAMES
 from ..runtime.events import EventPlane, Subscription, kv_events_subject, kv_metrics_subject
@@ -118,6 +126,12 @@ class Router:
         self.events_ignored = 0
         #: Event-id gaps seen (each dropped one worker rank's entries).
         self.kv_event_gaps = 0
+        #: Messages on the KV topics that could not be decoded (dropped).
+        self.kv_events_malformed = 0
+        #: KV events of variants this router does not know (skipped).
+        self.kv_events_unknown = 0
+        self._capacity: dict[int, int] = {}  # instance id -> the card's total_kv_blocks
+        self._next_malformed_log = 0.0
         self._changed = asyncio.Event()  # set and replaced on every change (see _notify)
         self._waiters = 0
         #: Requests routed per ``(model, instance_id)`` since start.
@@ -268,6 +282,10 @@ class Router:
         entry = self._models.models.get(model)
         if added:
             self._departed.pop(worker.instance_id, None)
+            total = worker.card.runtime_config.total_kv_blocks
+            if total and self._capacity.get(worker.instance_id) != total:
+                self._capacity[worker.instance_id] = total
+                self._apply_capacity(worker.instance_id, total)
             if entry is None:
                 return
             policy = self._policy(model, entry)
@@ -287,6 +305,7 @@ class Router:
             self._loads.pop(key, None)
         # Ranks the card did not announce (defensive): forget them too.
         self.indexer.remove_worker(worker.instance_id)
+        self._capacity.pop(worker.instance_id, None)
         self._departed[worker.instance_id] = None
         while len(self._departed) > DEPARTED_MEMORY:
             self._departed.popitem(last=False)
@@ -296,6 +315,16 @@ class Router:
         if entry is None:
             self._policies.pop(model, None)
         self._notify()
+
+    def _apply_capacity(self, instance_id: int, total: int) -> None:
+        """Loads that arrived before the worker's card (the event plane ran ahead of
+        discovery) and carry no total get the card's."""
+        for key, snap in list(self._loads.items()):
+            if key[0] == instance_id and snap.kv_total_blocks is None:
+                snap = msgspec.structs.replace(snap, kv_total_blocks=total)
+                self._loads[key] = snap
+                for policy in self._policies.values():
+                    policy.update_load(snap)
 
     def _notify(self) -> None:
         """Wake every :meth:`wait_for` (each re-checks its predicate)."""
@@ -322,8 +351,13 @@ class Router:
             try:
                 handler(msg.payload)
             except ProtocolError as exc:
-                log.warning("kv router: dropping malformed message on %s: %s", msg.subject, exc)
+                self.kv_events_malformed += 1
                 self._count_event("malformed")
+                now = time.monotonic()
+                if now >= self._next_malformed_log:
+                    self._next_malformed_log = now + 10.0
+                    log.warning("kv router: dropping malformed message on %s (%d so far): %s",
+                                msg.subject, self.kv_events_malformed, exc)
             except Exception:
                 log.exception("kv router: handler failed on %s", msg.subject)
             self._notify()
@@ -333,14 +367,16 @@ class Router:
             self._events_metric.labels(result).inc()
 
     def _on_kv_event(self, payload: bytes) -> None:
-        event = from_msgpack(payload, RouterEvent)
-        if event.worker_id in self._departed:
-            self.events_ignored += 1
-            self._count_event("ignored")
-            return
-        self.indexer.apply(event)
-        self.events_applied += 1
-        self._count_event("applied")
+        events, unknown = decode_kv_events(payload)
+        self.kv_events_unknown += unknown
+        for event in events:
+            if event.worker_id in self._departed:
+                self.events_ignored += 1
+                self._count_event("ignored")
+                continue
+            self.indexer.apply(event)
+            self.events_applied += 1
+            self._count_event("applied")
 
     def _on_gap(self, key: WorkerKey, expected: int, got: int) -> None:
         """The indexer saw event ``got`` from ``key`` where ``expected`` was due: events were
@@ -354,9 +390,11 @@ class Router:
         self.indexer.clear_worker(key)
 
     def _on_load(self, payload: bytes) -> None:
-        snap = from_msgpack(payload, LoadSnapshot)
+        snap = decode_load(payload)
         if snap.worker_id in self._departed:
             return
+        if snap.kv_total_blocks is None and snap.worker_id in self._capacity:
+            snap = msgspec.structs.replace(snap, kv_total_blocks=self._capacity[snap.worker_id])
         self._loads[(snap.worker_id, snap.dp_rank)] = snap
         for policy in self._policies.values():
             policy.update_load(snap)

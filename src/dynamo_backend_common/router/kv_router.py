@@ -86,23 +86,23 @@ class RouteDecision:
 class WorkerLoad:
     """What the router knows about one worker's load.
 
-    ``active_blocks`` / ``total_blocks`` / ``num_running`` / ``num_waiting`` come from the
-    worker's latest :class:`LoadSnapshot` (``kv_used_blocks`` etc.), less the blocks of requests
-    that ended since (as this router saw them end). ``inflight_*`` count the
-    requests this router sent there that have not finished, their blocks counted once however
-    many of them share a block; ``pending_blocks`` is what requests routed after the latest
-    snapshot added to ``inflight_blocks``, which that snapshot cannot reflect yet.
+    ``active_blocks`` comes from the worker's latest :class:`LoadSnapshot` (``kv_used_blocks``,
+    else Dynamo's ``active_decode_blocks``), less the blocks of requests that ended since (as
+    this router saw them end); ``total_blocks`` from its ``kv_total_blocks`` (0 = unknown; a
+    Dynamo worker sends none, and the frontend fills it in from the model card).
+    ``inflight_*`` count the requests this router sent there that have not finished, their
+    blocks counted once however many of them share a block; ``pending_blocks`` is what requests
+    routed after the latest snapshot added to ``inflight_blocks``, which that snapshot cannot
+    reflect yet.
     """
 
     active_blocks: int = 0
     total_blocks: int = 0
-    num_running: int | None = None
-    num_waiting: int | None = None
     inflight_requests: int = 0
     inflight_blocks: int = 0
     pending_blocks: int = 0
     snapshot_seq: int = 0
-    """Number of snapshots received (0 = none yet)."""
+    """Number of snapshots with a block count received (0 = none yet)."""
     prefill_blocks: int = 0
     """Blocks still to prefill for requests routed here that have not produced a token."""
 
@@ -199,14 +199,20 @@ class KvRouter:
             self._prefilling.pop(ticket, None)
 
     def update_load(self, snapshot: LoadSnapshot) -> None:
-        """Take a worker's load snapshot; it supersedes what was routed there before it."""
+        """Take a worker's load snapshot; its block count supersedes what was routed there
+        before it. Fields it leaves ``None`` (a Dynamo worker sends no total) keep their value."""
+        used = snapshot.kv_used_blocks
+        if used is None:
+            used = snapshot.active_decode_blocks
+        if used is None and snapshot.kv_total_blocks is None:
+            return
         load = self._load((snapshot.worker_id, snapshot.dp_rank))
-        load.active_blocks = snapshot.kv_used_blocks
-        load.total_blocks = snapshot.kv_total_blocks
-        load.num_running = snapshot.num_requests_running
-        load.num_waiting = snapshot.num_requests_waiting
-        load.snapshot_seq += 1
-        load.pending_blocks = 0
+        if snapshot.kv_total_blocks is not None:
+            load.total_blocks = snapshot.kv_total_blocks
+        if used is not None:
+            load.active_blocks = used
+            load.snapshot_seq += 1
+            load.pending_blocks = 0
 
     def apply_event(self, event: RouterEvent) -> None:
         """Feed one KV event to the indexer."""
@@ -220,8 +226,6 @@ class KvRouter:
         return WorkerLoad(
             load.active_blocks,
             load.total_blocks,
-            load.num_running,
-            load.num_waiting,
             load.inflight_requests,
             load.inflight_blocks,
             load.pending_blocks,

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from ..kv.hashing import local_block_hashes
 from ..protocols.kv import (
     KvCacheEvent,
     KvCleared,
@@ -87,22 +88,30 @@ class KvEventPublisher(_LoopBound):
         tokens_hashes: Sequence[int] | None = None,
         token_ids: Sequence[int] | None = None,
         block_size: int | None = None,
+        start_position: int | None = None,
     ) -> None:
-        """Blocks ``block_hashes`` (in sequence order, following ``parent_hash``) are now cached."""
-        if tokens_hashes is not None and len(tokens_hashes) != len(block_hashes):
+        """Blocks ``block_hashes`` (in sequence order, following ``parent_hash``) are now cached.
+
+        ``tokens_hashes`` are the blocks' own token hashes (``kv.hashing.local_block_hashes``),
+        which Dynamo's router indexes by; without them they are computed from ``token_ids`` (the
+        tokens of exactly these blocks, ``block_size`` each), else the block hashes stand in
+        (see :class:`~dynamo_backend_common.protocols.kv.StoredBlock`). Token ids are not sent.
+        """
+        n = len(block_hashes)
+        if tokens_hashes is None and token_ids is not None:
+            if block_size is None or block_size <= 0 or len(token_ids) != n * block_size:
+                raise ValueError(
+                    f"token_ids must hold exactly {n} blocks of block_size tokens "
+                    f"(got {len(token_ids)} tokens, block_size {block_size})")
+            tokens_hashes = local_block_hashes(token_ids, block_size)
+        if tokens_hashes is not None and len(tokens_hashes) != n:
             raise ValueError("tokens_hashes must have one entry per block hash")
         blocks = [
             StoredBlock(h, tokens_hashes[i] if tokens_hashes is not None else None)
             for i, h in enumerate(block_hashes)
         ]
-        self.publish(
-            KvStored(
-                blocks=blocks,
-                parent_hash=parent_hash,
-                token_ids=list(token_ids) if token_ids is not None else None,
-                block_size=block_size,
-            )
-        )
+        self.publish(KvStored(blocks=blocks, parent_hash=parent_hash,
+                              start_position=start_position))
 
     def publish_removed(self, block_hashes: Iterable[int]) -> None:
         """Blocks ``block_hashes`` were evicted."""

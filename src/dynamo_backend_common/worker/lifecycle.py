@@ -52,7 +52,7 @@ from ..protocols.discovery import (
     model_key,
     slugify,
 )
-from ..protocols.kv import LoadSnapshot, RouterEvent
+from ..protocols.kv import LoadSnapshot, RouterEvent, encode_kv_events, encode_load
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import (
@@ -66,6 +66,7 @@ from ..runtime.loop import run_coroutine
 from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ..runtime.status_server import StatusServer
 from ..runtime.transport import RequestPlaneServer
+from ..runtime.transport.callhome import CallHomeServer
 from ..runtime.worker_metrics import WorkerMetrics
 from .adapter import EngineAdapter
 from .tracker import RequestTracker
@@ -108,7 +109,7 @@ class Worker:
         self._tracker = RequestTracker()
         self._discovery: Discovery | None = None
         self._events: EventPlane | None = None
-        self._server: RequestPlaneServer | None = None
+        self._server: RequestPlaneServer | CallHomeServer | None = None
         self._status: StatusServer | None = None
         self._metrics: WorkerMetrics | None = None
         self._adapter: EngineAdapter | None = None
@@ -117,6 +118,8 @@ class Worker:
         self._relays: list[Any] = []
         self._controls: list[str] = []
         self._publishes_kv_events = False
+        #: The instance record this worker registered (valid once :attr:`ready` is set).
+        self.instance_info: InstanceInfo | None = None
         self._canary: dict[str, Any] | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._health: dict[str, Any] = {"canary": "disabled"}
@@ -274,9 +277,17 @@ class Worker:
             tracker=self._tracker,
             decode_mode=cfg.disaggregation_mode is DisaggregationMode.DECODE,
         )
-        self._server = RequestPlaneServer(cfg.host, cfg.port)
-        self._server.add_endpoint(cfg.endpoint, self._adapter.handle)
-        self._server.add_endpoint(CONTROL_ENDPOINT, self._control_handler)
+        if cfg.request_plane == "mux":
+            self._server = RequestPlaneServer(cfg.host, cfg.port)
+            self._server.add_endpoint(cfg.endpoint, self._adapter.handle)
+            self._server.add_endpoint(CONTROL_ENDPOINT, self._control_handler)
+        else:
+            # Dynamo's TCP request plane: endpoints are keyed by their full path.
+            self._server = CallHomeServer(cfg.host, cfg.port)
+            self._server.add_endpoint(self.endpoint_path, self._adapter.handle)
+            self._server.add_endpoint(
+                endpoint_path(self.worker_id, cfg.namespace, cfg.component, CONTROL_ENDPOINT),
+                self._control_handler)
         await self._server.start()
         if cfg.status_port is not None:
             self._status = StatusServer(
@@ -327,15 +338,16 @@ class Worker:
             def on_snapshot(snap: Any) -> None:
                 metrics.on_snapshot(snap)
                 if kv_routing:
-                    events.publish(subject, to_msgpack(LoadSnapshot(
+                    # Dynamo's ActiveLoad (kv_metrics), plus our kv_total_blocks when known.
+                    events.publish(subject, encode_load(LoadSnapshot(
                         worker_id=worker_id,
                         dp_rank=snap.dp_rank,
                         kv_used_blocks=snap.kv_used_blocks,
-                        kv_total_blocks=snap.kv_total_blocks,
-                        gpu_cache_usage=snap.gpu_cache_usage,
-                        kv_cache_hit_rate=snap.kv_cache_hit_rate,
+                        kv_total_blocks=snap.kv_total_blocks or None,
                     )))
 
+            if kv_routing:
+                events.prepare_publish(subject)  # routers connect before the first load
             publisher = SnapshotPublisher(bindings.dp_ranks, on_snapshot, loop)
             self._publishers.append(publisher)
             if bindings.on_publisher_ready is not None:
@@ -343,6 +355,13 @@ class Worker:
 
         if cfg.enable_kv_routing:
             await self._setup_kv_events(engine_cfg, loop)
+            # The channels are announced before the worker registers: a router that finds the
+            # worker is already following its events (the ZMQ plane loses what it publishes
+            # before a subscriber connects).
+            try:
+                await self._events.flush()
+            except Exception as exc:  # events are best effort; serving goes on
+                log.warning("event plane flush failed: %s", exc)
 
         payload = cfg.health_check_payload or env_health_check_payload()
         if payload is None:
@@ -373,9 +392,26 @@ class Worker:
         cfg = self.config
         events = self._events
         subject = kv_events_subject(cfg.namespace, cfg.component)
+        events.prepare_publish(subject)
+
+        # Events produced together (one engine step, one relayed batch: the same loop turn)
+        # go out as one message, a list of RouterEvent as Dynamo sends them (at most
+        # batch_max per message).
+        pending: list[RouterEvent] = []
+        batch_max = 1024
+
+        def flush() -> None:
+            if pending:
+                batch = pending[:]
+                pending.clear()
+                events.publish(subject, encode_kv_events(batch))
 
         def sink(event: RouterEvent) -> None:
-            events.publish(subject, to_msgpack(event))
+            if not pending:
+                loop.call_soon(flush)
+            pending.append(event)
+            if len(pending) >= batch_max:
+                flush()
 
         for source in sources:
             publisher = KvEventPublisher(self.worker_id, source.dp_rank, sink, loop)
@@ -448,7 +484,11 @@ class Worker:
             component=cfg.component,
             endpoint=cfg.endpoint,
             instance_id=self.worker_id,
-            transport={"tcp": f"{advertise}:{port}/{self.endpoint_path}"},
+            # A mux worker advertises its private protocol under its own transport name, so
+            # a Dynamo frontend never mistakes it for its TCP request plane.
+            transport=({"tcp": f"{advertise}:{port}/{self.endpoint_path}"}
+                       if cfg.request_plane == "tcp" else
+                       {"mux": f"{advertise}:{port}/{cfg.endpoint}"}),
             request_plane_codec="msgpack",
             status_url=(f"http://{_reachable_host(cfg.status_host, cfg.advertise_host)}:"
                         f"{self._status.port}"
@@ -458,6 +498,7 @@ class Worker:
         self._serve_metadata(card)
         ikey = instance_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
         mkey = model_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
+        self.instance_info = info
         await self._discovery.put(ikey, to_json(info))
         self._registered_keys.append(ikey)
         await self._discovery.put(mkey, to_json(card))

@@ -1,16 +1,32 @@
-"""Discovery: where workers register and frontends find them. One interface, three backends.
+"""Discovery: where workers register and frontends find them. One interface, four backends.
 
 ``open_discovery(url)`` picks the backend from a URL:
 
 - ``memory://`` or ``memory://NAME``: process-local; objects opened with the same name in one
   process share one store (tests, single-process setups).
 - ``file://`` (root ``$DYN_FILE_KV`` or ``$TMPDIR/dynamo_store_kv``) or ``file:///ABS/DIR``:
-  a shared directory; processes on one machine see each other. The default.
+  a shared directory in **NVIDIA Dynamo's file-store layout** (:class:`FileDiscovery`), so our
+  processes and Dynamo 1.6.1 frontends/workers on one machine see each other. Liveness is an
+  mtime touched every few seconds; a SIGKILLed process disappears after Dynamo's 10 s TTL.
+  The default.
+- ``file+lease://`` or ``file+lease:///ABS/DIR``: the project's private directory layout
+  (:class:`LeaseFileDiscovery`): one lease file per process plus pid checks, so a SIGKILLed
+  local process disappears at the next poll. Invisible to Dynamo.
 - ``etcd://HOST:PORT[,HOST:PORT...]``, also ``http://HOST:PORT`` / ``https://HOST:PORT``
-  (each comma-separated item may carry its own ``http(s)://``): etcd v3.
-- ``None``: ``$DYN_DISCOVERY`` if set (same forms), else the file default.
+  (each comma-separated item may carry its own ``http(s)://``): etcd v3, in Dynamo's etcd
+  layout (full key = ``bucket/key``, raw value, lease-bound, create-if-absent txn).
 
-The contract every backend keeps is in :mod:`.base`.
+``open_discovery(None)`` (or an empty URL) follows, in this order of precedence:
+
+1. ``$DYN_DISCOVERY``: one of the URLs above (this project's own variable);
+2. ``$DYN_DISCOVERY_BACKEND`` (Dynamo's selector): ``file`` (root ``$DYN_FILE_KV``, else
+   ``$TMPDIR/dynamo_store_kv``), ``etcd`` (``$ETCD_ENDPOINTS``, a comma list, default
+   ``http://localhost:2379``) or ``mem`` / ``memory``; any other value is a ``ValueError``;
+3. the file default, ``file://`` (Dynamo's own default is etcd; ours needs no server).
+
+The lease TTL is the ``ttl`` argument, else ``$DYN_DISCOVERY_TTL``, else 10 s; etcd also
+honours Dynamo's ``$ETCD_LEASE_TTL`` after ``$DYN_DISCOVERY_TTL``. The contract every backend
+keeps is in :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import os
 from .base import DEFAULT_TTL, Discovery, DiscoveryError, DiscoveryEvent
 from .etcd import EtcdDiscovery
 from .file import FileDiscovery, default_file_root
+from .file_lease import LeaseFileDiscovery
 from .memory import MemoryDiscovery
 
 __all__ = [
@@ -29,13 +46,20 @@ __all__ = [
     "DiscoveryEvent",
     "EtcdDiscovery",
     "FileDiscovery",
+    "LeaseFileDiscovery",
     "MemoryDiscovery",
     "default_file_root",
+    "open_backend",
     "open_discovery",
     "parse_etcd_endpoints",
 ]
 
-_FORMS = "memory://[NAME], file://[/ABS/DIR] or etcd://HOST:PORT[,HOST:PORT]"
+_FORMS = (
+    "memory://[NAME], file://[/ABS/DIR], file+lease://[/ABS/DIR] or etcd://HOST:PORT[,HOST:PORT]"
+)
+#: ``$DYN_DISCOVERY_BACKEND`` values (Dynamo's names; ``memory`` is ours for ``mem``).
+DISCOVERY_BACKENDS = ("file", "etcd", "mem", "memory")
+_ETCD_DEFAULT_ENDPOINTS = "http://localhost:2379"
 _ETCD_DEFAULT_PORT = 2379
 
 
@@ -43,12 +67,14 @@ def open_discovery(url: str | None = None, *, ttl: float | None = None) -> Disco
     """A not-yet-started :class:`Discovery` for ``url`` (see the module docstring).
 
     ``ttl`` is the lease TTL in seconds (default ``$DYN_DISCOVERY_TTL``, else 10).
-    Raises :class:`ValueError` for a malformed or unsupported URL; nothing is connected here.
+    Raises :class:`ValueError` for a malformed or unsupported URL or ``$DYN_DISCOVERY_BACKEND``;
+    nothing is connected here.
     """
-    if url is None:
-        url = os.environ.get("DYN_DISCOVERY") or None
     if url is None or not url.strip():
-        return FileDiscovery(ttl=ttl)
+        url = os.environ.get("DYN_DISCOVERY", "").strip()
+        if not url:
+            backend = os.environ.get("DYN_DISCOVERY_BACKEND", "").strip()
+            return open_backend(backend, ttl=ttl) if backend else FileDiscovery(ttl=ttl)
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
@@ -56,20 +82,47 @@ def open_discovery(url: str | None = None, *, ttl: float | None = None) -> Disco
         raise ValueError(f"discovery URL {url!r} has no scheme; expected {_FORMS}")
     if scheme == "memory":
         return MemoryDiscovery(rest, ttl=ttl)
-    if scheme == "file":
+    if scheme in ("file", "file+lease"):
+        cls: type[FileDiscovery] | type[LeaseFileDiscovery]
+        cls = FileDiscovery if scheme == "file" else LeaseFileDiscovery
         if rest == "":
-            return FileDiscovery(ttl=ttl)
+            return cls(ttl=ttl)
         if rest.startswith("localhost/"):
             rest = rest[len("localhost") :]
         if not rest.startswith("/"):
             raise ValueError(
-                f"file discovery URL {url!r} must be file:// or file:///ABSOLUTE/DIR "
+                f"file discovery URL {url!r} must be {scheme}:// or {scheme}:///ABSOLUTE/DIR "
                 "(a host or relative path is not supported)"
             )
-        return FileDiscovery(rest, ttl=ttl)
+        return cls(rest, ttl=ttl)
     if scheme in ("etcd", "http", "https"):
         return EtcdDiscovery(parse_etcd_endpoints(url), ttl=ttl)
     raise ValueError(f"unsupported discovery URL scheme {scheme!r} in {url!r}; expected {_FORMS}")
+
+
+def open_backend(backend: str, *, ttl: float | None = None) -> Discovery:
+    """Dynamo's ``DYN_DISCOVERY_BACKEND`` / ``--discovery-backend`` name as a :class:`Discovery`.
+
+    ``file``: :class:`FileDiscovery` at ``$DYN_FILE_KV`` (else ``$TMPDIR/dynamo_store_kv``);
+    ``etcd``: :class:`EtcdDiscovery` on ``$ETCD_ENDPOINTS`` (comma list, default
+    ``http://localhost:2379``); ``mem`` or ``memory``: the process-local default store.
+    """
+    name = backend.strip().lower()
+    if name == "file":
+        return FileDiscovery(ttl=ttl)
+    if name == "etcd":
+        endpoints = os.environ.get("ETCD_ENDPOINTS", "").strip() or _ETCD_DEFAULT_ENDPOINTS
+        try:
+            parsed = parse_etcd_endpoints("etcd://" + endpoints)
+        except ValueError as exc:
+            raise ValueError(f"bad ETCD_ENDPOINTS {endpoints!r}: {exc}") from None
+        return EtcdDiscovery(parsed, ttl=ttl)
+    if name in ("mem", "memory"):
+        return MemoryDiscovery("", ttl=ttl)
+    raise ValueError(
+        f"unknown discovery backend {backend!r} (DYN_DISCOVERY_BACKEND); expected one of "
+        f"{', '.join(DISCOVERY_BACKENDS)}"
+    )
 
 
 def parse_etcd_endpoints(url: str) -> list[str]:

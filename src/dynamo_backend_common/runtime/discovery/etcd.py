@@ -14,8 +14,17 @@ Semantics:
   synchronous client, so a blocked event loop (say, a synchronous model load) does not lose
   it; that is also why Dynamo keeps its keep-alive on a dedicated thread. If no renewal
   succeeds for a whole TTL, or etcd reports the lease gone, ``lease_lost`` is set.
-- ``put`` is create-or-update bound to the lease; ``close()`` revokes the lease, which deletes
-  every key still attached to it in one etcd transaction (watchers see the deletes).
+- Keys and values are stored as given: our keys already are Dynamo's full etcd keys
+  (``bucket/key``, e.g. ``v1/instances/dynamo/backend/generate/{id:x}``) and values its raw
+  JSON. The lease TTL defaults to 10 s as in Dynamo; ``$DYN_DISCOVERY_TTL``, then Dynamo's
+  ``$ETCD_LEASE_TTL``, override it (an explicit ``ttl`` beats both).
+- ``put`` is create-or-update bound to the lease. The first ``put`` of a key by this object
+  is Dynamo's create: a transaction ``if version(key) == 0 then put(key, value, lease)``. If
+  the key exists already (another process's, or this one's before a restart) it is then
+  overwritten with a plain put, which keeps our create-or-update contract (Dynamo's create
+  would report "exists" instead). Later puts of an owned key are plain puts (Dynamo's update).
+  ``close()`` revokes the lease, which deletes every key still attached to it in one etcd
+  transaction (watchers see the deletes).
 - ``watch_prefix`` reads the prefix (getting revision R), yields it, then streams from R + 1, so
   nothing between snapshot and stream is lost. If the stream breaks it reconnects from the
   last revision seen; if that revision was compacted meanwhile, it re-reads the prefix and
@@ -34,6 +43,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -41,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from .base import Discovery, DiscoveryError, DiscoveryEvent
+from .base import Discovery, DiscoveryError, DiscoveryEvent, resolve_ttl
 
 __all__ = ["EtcdDiscovery"]
 
@@ -93,6 +103,15 @@ class EtcdDiscovery(Discovery):
         ttl: float | None = None,
         timeout: float = 5.0,
     ) -> None:
+        if ttl is None and not os.environ.get("DYN_DISCOVERY_TTL", "").strip():
+            raw = os.environ.get("ETCD_LEASE_TTL", "").strip()
+            if raw:
+                try:
+                    ttl = resolve_ttl(float(raw))
+                except ValueError:
+                    raise ValueError(
+                        f"ETCD_LEASE_TTL must be a positive number, got {raw!r}"
+                    ) from None
         super().__init__(ttl=ttl)
         if not endpoints:
             raise ValueError("EtcdDiscovery needs at least one endpoint")
@@ -105,6 +124,7 @@ class EtcdDiscovery(Discovery):
         self._keepalive: threading.Thread | None = None
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._watch_queues: set[asyncio.Queue[DiscoveryEvent | None]] = set()
+        self._owned: set[str] = set()  # keys this object has put (created or overwritten)
 
     # -- transport ----------------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
@@ -200,11 +220,26 @@ class EtcdDiscovery(Discovery):
     # -- KV -----------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> None:
         self._check_started()
-        body = {"key": _b64(key.encode()), "value": _b64(value), "lease": str(self.instance_id)}
-        await self._call("/v3/kv/put", body)
+        put = {"key": _b64(key.encode()), "value": _b64(value), "lease": str(self.instance_id)}
+        if key not in self._owned:
+            # Dynamo's create: put only if the key does not exist (version 0).
+            txn = {
+                "compare": [
+                    {"key": put["key"], "target": "VERSION", "result": "EQUAL", "version": "0"}
+                ],
+                "success": [{"request_put": put}],
+            }
+            created = (await self._call("/v3/kv/txn", txn)).get("succeeded", False)
+            if created:
+                self._owned.add(key)
+                return
+            log.debug("etcd key %r exists already: overwriting it (put is create-or-update)", key)
+        await self._call("/v3/kv/put", put)
+        self._owned.add(key)
 
     async def delete(self, key: str) -> None:
         self._check_open()
+        self._owned.discard(key)
         await self._call("/v3/kv/deleterange", {"key": _b64(key.encode())})
 
     async def _range(self, prefix: str) -> tuple[dict[str, bytes], int]:

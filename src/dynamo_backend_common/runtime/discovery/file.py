@@ -1,84 +1,112 @@
-"""Directory-backed discovery (``file://[/DIR]``): processes on one machine see each other.
+"""NVIDIA Dynamo's file store (``file://[/DIR]``, the default): one directory shared with Dynamo.
 
-Layout of the root directory (flat):
+This is byte-for-byte the layout a Dynamo 1.6.1 worker or frontend writes and reads with
+``--discovery-backend file`` (``DYN_FILE_KV``), so our processes and Dynamo's share one root.
 
-- ``<encoded key>``: one file per key. The name is the key percent-encoded with only
-  ``[A-Za-z0-9_-]`` kept (so names never start with ``.`` and encoding preserves prefixes);
-  keys whose name would exceed :data:`_MAX_NAME` are stored as ``~<sha256 of key>``. Content:
-  one JSON header line ``{"key", "owner"}`` then the raw value. Writes are atomic (temp file
-  then ``os.replace``) and stamp an explicit nanosecond mtime, so ``(inode, mtime_ns, size)``
-  changes on every write and readers only re-read files that changed.
-- ``.lease.<instance_id:016x>``: the lease of one live :class:`FileDiscovery`: JSON
-  ``{"instance_id", "pid", "host", "pidns", "ttl"}``. Its owner touches its mtime every
-  ``max(ttl/3, 0.2 s)`` from a dedicated thread (so a busy or blocked event loop, e.g. a
-  synchronous model load, does not lose the lease).
-- ``.tmp.*`` / ``.reap.*``: in-flight writes and removals.
+Layout (``$ROOT`` = ``root``, default :func:`default_file_root`):
 
-A key is live iff its owner's lease file exists, was touched within the owner's ttl, and, when
-the owner ran on this host (same hostname and pid namespace), its pid is still running (not a
-zombie). So a SIGKILLed process vanishes at the next poll (its pid is watched through a pidfd;
-where pidfds are unavailable, polled every ``min(0.5 s, ttl/4)``), and one on a stalled or
-remote host after ``ttl``. Touching one lease file instead of every key file keeps key mtimes stable
-(that is what makes change detection cheap) and makes keep-alive O(1). Every scan also reaps
-what is dead: stale leases, their keys, and abandoned temp files.
+- A key has at least three ``/``-separated segments. The first two name the *bucket*, a
+  directory ``$ROOT/<seg0>/<seg1>`` (``v1/instances``, ``v1/mdc``, ``v1/event_channels``,
+  ``v1/event_sources``, ...) created on first use. The rest is one file in it, named with
+  :func:`encode_name`: every byte outside ``[A-Za-z0-9]`` as ``%XX`` (upper-case hex). So
+  ``v1/instances/dynamo/backend/generate/abc`` is
+  ``$ROOT/v1/instances/dynamo%2Fbackend%2Fgenerate%2Fabc``. Listing decodes names back to keys
+  (leniently, as Dynamo does: a ``%`` not followed by two hex digits stays literal).
+- The content is the raw value: no header, nothing appended.
+- Create: write ``<bucket>/.tmp_<16 hex>``, ``os.link`` it to the name (fails if the key
+  exists: create-if-absent), unlink the temp. Update of a key this object wrote: temp file
+  then ``os.replace``. :meth:`FileDiscovery.put` is create-or-update, so a key found to exist
+  already (another writer's, or a dead process's leftover) is replaced too.
 
-Watching polls the directory every ``poll_interval`` (default 0.1 s) and diffs against the
-previous scan. This is the one polling component in the runtime, on purpose: inotify would be
-a platform-specific dependency, does not work on network filesystems, and could not report
-the expiry of a lease (a *time* event, not a file event) anyway. All watches of one
-:class:`FileDiscovery` share one poller task and are woken only when something under the root
-changed. A poll is one ``stat`` of the directory: it is re-listed (``scandir`` plus one
-``stat`` per key file, re-reading only changed files) when its mtime changed, while that mtime
-is too recent to trust, and once a second as a backstop. Lease files are ``stat``-ed only when
-their last seen touch is a ttl old, and local owners' pids cost one ``poll`` on their pidfds.
-Changes are delivered as the net difference between scans: a key put and deleted between two
-polls is not reported, and the changes of one poll are ordered deletes first, then puts, each
-by key.
+Liveness, as in Dynamo: there is no lease file and no pid. The owner touches (sets the mtime
+of) every file it owns every ``min(ttl, 10 s) / 3`` from a dedicated thread, so a busy or
+blocked event loop (say, a synchronous model load) does not lose liveness. Every participant
+that reads or watches a bucket treats a file whose mtime is older than ``expire_after``
+(default ``max(10 s, ttl)``; Dynamo's own TTL is 10 s) as gone, unlinks it and logs
+``expired discovery file ...`` at info level. A watch reports such an expiry as a delete.
+So a SIGKILLed process disappears about 10 s after its last touch; a clean :meth:`close`
+unlinks all its files at once.
+
+Ownership lives in memory (the files carry none): this object remembers the inode of every
+file it wrote. The keep-alive touches a file only through a descriptor whose inode is still
+its own. If one of its files is gone or was replaced by another writer while its keep-alive
+was on time, someone deleted or overwrote the key on purpose (``delete()`` from any
+participant, or a fresh ``put`` by another): the key is no longer ours and is neither
+touched nor recreated. If instead this object went longer than ``min(expire_after, 10 s)``
+without touching a file (a stalled process, a starved thread), peers may already have
+expired it and told their watchers: :attr:`~.base.Discovery.lease_lost` is set (and the
+keep-alive stops, so the process does not quietly come back to life). Dynamo itself only
+logs in these cases; the base contract asks for ``lease_lost``.
+
+Reads skip, and never fail on, what is not a key: ``.tmp_*`` and other dot files (abandoned
+temp files older than a minute are removed), and at the root and the ``v1`` level everything
+that is not a directory (so the private ``file+lease://`` layout can share the root). Inside a
+bucket, an entry that is not a regular file, cannot be read, is too large, or whose name does
+not decode (not UTF-8) is skipped with one warning per entry and file signature, and counted
+in :attr:`FileDiscovery.errors`. Values are opaque bytes here; callers parse them.
+
+Watching polls, as the project's private layout did: all watches of one object share one
+poller task that wakes them only on a change. A poll is one ``stat`` per watched bucket
+directory (plus one of the root and ``v1`` directories when a watched prefix does not fix
+the bucket). A bucket is re-listed (``scandir`` + one ``lstat`` per file) when its directory
+mtime changed, while that mtime is too recent to trust, and once a second as a backstop. A
+file is re-read only when its inode or size changed, or its mtime changed while the
+directory did too (touches change a file's mtime but never its directory's, and every write
+creates a new inode). Expiry needs no extra listing: a file is ``stat``-ed only when the
+mtime last seen is ``expire_after`` old. Changes are delivered as the net difference between
+polls (a key put and deleted between two polls is not reported), deletes first, then puts,
+each by key.
 
 Files are not fsynced: discovery state is ephemeral and rebuilt by live processes.
-This layout is not Dynamo's file store format (which has no pid liveness); it is private.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
-import hashlib
+import errno
 import logging
 import os
 import secrets
-import select
-import socket
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import unquote_to_bytes
 
-import msgspec
+from .base import Discovery, DiscoveryError, DiscoveryEvent, random_instance_id
 
-from .base import Discovery, DiscoveryEvent, random_instance_id
-
-__all__ = ["FileDiscovery", "default_file_root"]
+__all__ = [
+    "DYNAMO_FILE_TTL",
+    "FileDiscovery",
+    "decode_name",
+    "default_file_root",
+    "encode_name",
+    "split_key",
+]
 
 log = logging.getLogger(__name__)
 
-_LEASE = ".lease."
-_TMP = ".tmp."
-_REAP = ".reap."
-_HASHED = "~"
-_MAX_NAME = 200
-_MIN_KEEPALIVE = 0.2
-_HEADER_MAX = 64 * 1024
-#: A directory mtime this close to (or after) the time of the listing that saw it is not
-#: trusted to reveal later changes: those may land in the same timestamp tick.
+#: Dynamo's file-store TTL: its peers expire a file this long after its last touch.
+DYNAMO_FILE_TTL = 10.0
+#: Dynamo's temp-file prefix (also ours); such files are never keys.
+TMP_PREFIX = ".tmp_"
+_NAME_MAX = 255
+_MIN_KEEPALIVE = 0.05
+#: Larger files are not discovery records (Dynamo's model cards are a few KiB).
+_MAX_VALUE = 16 * 1024 * 1024
+#: A directory mtime this close to (or after) the listing that saw it is not trusted to reveal
+#: later changes: those may land in the same timestamp tick.
 _MTIME_MARGIN_NS = 200_000_000
-#: Re-list the directory at least this often even if its mtime did not change.
+#: Re-list a watched bucket at least this often even if its mtime did not change.
 _RESCAN_EVERY_NS = 1_000_000_000
-#: Without pidfds, how often (at most, and at most ttl/4) a local owner's pid is checked.
-_PID_CHECK_EVERY = 0.5
+#: A temp file this old was abandoned by a writer that died between create and link.
+_TMP_ABANDONED_NS = 60_000_000_000
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 def default_file_root() -> Path:
@@ -87,119 +115,108 @@ def default_file_root() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / "dynamo_store_kv"
 
 
-def _encode(key: str) -> str:
-    # quote() keeps "_.-~"; "." and "~" are encoded too so names never clash with ours.
-    return quote(key, safe="").replace(".", "%2E").replace("~", "%7E")
+def encode_name(text: str) -> str:
+    """Dynamo's file name for a key's in-bucket part: ``%XX`` for every byte but ``[A-Za-z0-9]``."""
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in text.encode())
 
 
-def _file_name(key: str) -> str:
-    name = _encode(key)
-    if len(name) > _MAX_NAME:
-        return _HASHED + hashlib.sha256(key.encode()).hexdigest()
-    return name
-
-
-def _pid_namespace() -> str | None:
+def decode_name(name: str) -> str | None:
+    """The inverse of :func:`encode_name` (lenient about ``%``, like Dynamo); None if not UTF-8."""
     try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
+        return unquote_to_bytes(os.fsencode(name)).decode("utf-8")
+    except UnicodeError:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    """True unless ``pid`` certainly is gone (no such process, or a zombie awaiting reaping)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    except OSError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    # Field 3, after the parenthesised command name (which may contain spaces and parens).
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+def _check_segment(segment: str, key: str) -> None:
+    if not segment or segment.startswith(".") or "\0" in segment:
+        raise ValueError(
+            f"file discovery key {key!r}: bucket segment {segment!r} must be non-empty and "
+            "must not start with '.'"
+        )
 
 
-def _open_pidfd(pid: int) -> int | None:
-    """A pidfd for ``pid`` (readable once it exits), or None where pidfds are unavailable."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    try:
-        fd: int = pidfd_open(pid)
-    except OSError:
-        return None  # ENOSYS, EPERM under seccomp, ESRCH (already reaped: polled instead)
-    return fd
+def split_key(key: str) -> tuple[str, str]:
+    """``"v1/instances/ns/c/e/1"`` -> ``("v1/instances", "ns/c/e/1")``: (bucket, rest).
+
+    Raises :class:`ValueError` for a key with fewer than three segments (Dynamo's store has
+    no place for it) or a bucket segment that is empty or starts with ``.``.
+    """
+    seg0, slash0, tail = key.partition("/")
+    seg1, slash1, rest = tail.partition("/")
+    if not slash0 or not slash1 or not rest:
+        raise ValueError(
+            f"file discovery key {key!r} needs at least 3 '/'-separated segments, "
+            "<bucket>/<bucket>/<name> (e.g. v1/instances/dynamo/backend/generate/1a2b)"
+        )
+    _check_segment(seg0, key)
+    _check_segment(seg1, key)
+    return f"{seg0}/{seg1}", rest
 
 
-def _other_inode(inode: int, path: Path) -> bool:
-    return os.stat(path).st_ino != inode
+def _bucket_matches(bucket: str, prefix: str) -> bool:
+    """Whether bucket ``bucket`` may hold keys that start with ``prefix``."""
+    return (bucket + "/").startswith(prefix) or prefix.startswith(bucket + "/")
 
 
-class _Header(msgspec.Struct):
-    key: str
-    owner: int
+class _Rec:
+    """One key file as last seen."""
 
+    __slots__ = ("ino", "key", "mtime_ns", "size", "value")
 
-class _LeaseInfo(msgspec.Struct):
-    instance_id: int
-    pid: int
-    host: str
-    pidns: str | None
-    ttl: float
-
-
-class _Lease:
-    """What a watcher tracks about one owner's lease file."""
-
-    __slots__ = ("info", "inode", "mtime_ns", "next_pid_check_ns", "path", "pidfd", "ttl_ns")
-
-    def __init__(self, path: Path, inode: int, mtime_ns: int, info: _LeaseInfo | None) -> None:
-        self.path = path
-        self.inode = inode
+    def __init__(self, key: str, value: bytes, ino: int, size: int, mtime_ns: int) -> None:
+        self.key = key
+        self.value = value
+        self.ino = ino
+        self.size = size
         self.mtime_ns = mtime_ns
-        self.info = info
-        # An unreadable lease is re-read at its expiry; until then assume a short ttl.
-        self.ttl_ns = int((info.ttl if info is not None else 1.0) * 1e9)
-        self.pidfd: int | None = None
-        self.next_pid_check_ns = 0  # 0: pid not polled (remote owner, or a pidfd watches it)
-
-    def local(self, d: FileDiscovery) -> bool:
-        info = self.info
-        return info is not None and info.host == d._host and info.pidns == d._pidns
-
-    def pid_alive(self) -> bool:
-        return self.info is None or _pid_alive(self.info.pid)
 
 
-class _Record(msgspec.Struct):
-    sig: tuple[int, int, int]  # (inode, mtime_ns, size)
-    key: str
-    owner: int
-    value: bytes
+class _Bucket:
+    """What the last listing of one bucket directory saw."""
+
+    __slots__ = ("bad", "mtime_ns", "name", "next_expiry_ns", "path", "recs", "scanned_ns")
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.mtime_ns: int | None = None  # of the directory, at the last listing
+        self.scanned_ns = 0
+        self.recs: dict[str, _Rec] = {}  # file name -> record
+        self.bad: dict[str, object] = {}  # file name -> signature already logged
+        self.next_expiry_ns = 0
 
 
-#: Given the grabbed file, whether it must be kept (see ``FileDiscovery._remove_if``).
-_Keep = Callable[[Path], bool]
+class _Parent:
+    """A directory above buckets (the root, or ``$ROOT/v1``): its subdirectory names."""
 
-_header_encoder = msgspec.json.Encoder()
-_header_decoder = msgspec.json.Decoder(_Header)
-_lease_decoder = msgspec.json.Decoder(_LeaseInfo)
+    __slots__ = ("children", "mtime_ns", "scanned_ns")
+
+    def __init__(self) -> None:
+        self.children: tuple[str, ...] = ()
+        self.mtime_ns: int | None = None
+        self.scanned_ns = 0
+
+
+class _Owned:
+    """A file this object wrote: its inode and when the keep-alive last touched it."""
+
+    __slots__ = ("ino", "path", "touched")
+
+    def __init__(self, path: Path, ino: int, touched: float) -> None:
+        self.path = path
+        self.ino = ino
+        self.touched = touched  # time.monotonic() just before the last successful touch
 
 
 class FileDiscovery(Discovery):
-    """:class:`Discovery` in a shared directory (see the module docstring for the format).
+    """:class:`Discovery` in Dynamo's file-store layout (see the module docstring).
 
-    ``root`` defaults to :func:`default_file_root`; it is created on :meth:`start` or first
-    read. ``poll_interval`` is the watch poll period in seconds.
+    ``root`` defaults to :func:`default_file_root`. ``poll_interval`` is the watch poll period
+    in seconds. ``expire_after`` is the age (seconds since the last touch) at which this object
+    treats a file as dead; it defaults to ``max(10, ttl)`` and should not be lower than what
+    other participants use (Dynamo: 10 s). The owner's keep-alive period is
+    ``min(ttl, 10, expire_after) / 3``.
     """
 
     def __init__(
@@ -208,337 +225,482 @@ class FileDiscovery(Discovery):
         *,
         ttl: float | None = None,
         poll_interval: float = 0.1,
+        expire_after: float | None = None,
     ) -> None:
         super().__init__(ttl=ttl)
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if expire_after is None:
+            expire_after = max(DYNAMO_FILE_TTL, self.ttl)
+        elif not expire_after > 0:
+            raise ValueError(f"expire_after must be > 0 seconds, got {expire_after!r}")
         self.root = Path(root) if root is not None else default_file_root()
         self.poll_interval = float(poll_interval)
-        self._owned: set[str] = set()
-        self._cache: dict[str, _Record] = {}
-        # Change detection (see _refresh): what the last refresh saw.
-        self._leases: dict[int, _Lease] = {}
-        self._pidfds: dict[int, int] = {}  # pidfd -> owner
-        self._pidpoll = select.poll()
-        self._pid_check_ns = int(min(_PID_CHECK_EVERY, self.ttl / 4) * 1e9)
-        self._dir_mtime: int | None = None
-        self._dir_scanned_ns = 0
-        self._live: dict[str, _Record] = {}
-        self._garbage: dict[str, tuple[int, int, int]] = {}  # unparsable file name -> sig
-        self._version = 0
-        # Watches: one shared poller task, and the futures of the watches waiting on a change.
-        self._watchers = 0
-        self._poller: asyncio.Task[None] | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
-        self._host = socket.gethostname()
-        self._pidns = _pid_namespace()
+        #: Seconds after its last touch at which a file counts as dead (and is removed).
+        self.expire_after = float(expire_after)
+        #: How often the owner touches its files.
+        self.keepalive_interval = max(
+            min(self.ttl, DYNAMO_FILE_TTL, self.expire_after) / 3, _MIN_KEEPALIVE
+        )
+        #: Directory entries skipped because they could not be used (counted once per entry
+        #: and file signature): unreadable, not a regular file, too large, name not decodable.
+        self.errors = 0
+        self._expire_ns = int(self.expire_after * 1e9)
+        # Past this many seconds without a touch, a peer may have expired our file.
+        self._late_after = min(self.expire_after, DYNAMO_FILE_TTL)
+        self._owned: dict[str, _Owned] = {}
+        self._owned_lock = threading.Lock()
+        self._lost_reason: str | None = None
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
+        self._made: set[str] = set()  # bucket directories known to exist
+        # Change detection (see _refresh).
+        self._buckets: dict[str, _Bucket] = {}
+        self._parents: dict[str, _Parent] = {}  # "" = root, "v1" = $ROOT/v1
+        self._parent_bad: dict[str, object] = {}
+        self._unlink_failed: dict[str, int] = {}  # path -> inode already warned about
+        self._version = 0
+        # Watches: one shared poller task, the prefixes it serves, and the waiting watches.
+        self._interest: collections.Counter[str] = collections.Counter()
+        self._poller: asyncio.Task[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
 
-    # -- lease --------------------------------------------------------------------------------
-    def _lease_path(self, owner: int) -> Path:
-        return self.root / f"{_LEASE}{owner:016x}"
-
+    # -- lease (keep-alive) -------------------------------------------------------------------
     async def start(self) -> None:
         self._check_open()
         if self._started:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        instance_id = random_instance_id()
-        info = _LeaseInfo(instance_id, os.getpid(), self._host, self._pidns, self.ttl)
-        self._write_atomic(self._lease_path(instance_id), msgspec.json.encode(info))
-        self._instance_id = instance_id
+        self._instance_id = random_instance_id()
         self._started = True
         self._keepalive = threading.Thread(
             target=self._keepalive_loop,
-            args=(asyncio.get_running_loop(), self._lease_path(instance_id)),
-            name=f"discovery-file-keepalive-{instance_id:x}",
+            args=(asyncio.get_running_loop(),),
+            name=f"discovery-dynamo-file-keepalive-{self._instance_id:x}",
             daemon=True,
         )
         self._keepalive.start()
 
-    def _keepalive_loop(self, loop: asyncio.AbstractEventLoop, lease: Path) -> None:
-        interval = max(self.ttl / 3, _MIN_KEEPALIVE)
-        last = time.monotonic()  # last successful touch
-        while not self._stop_keepalive.wait(interval):
-            now = time.monotonic()
-            if now - last > self.ttl:
-                # Starved or failing past the ttl: peers may already have reported our keys
-                # deleted, so do not quietly come back to life.
-                reason = f"no successful keep-alive for {now - last:.1f}s"
-                break
-            try:
-                os.utime(lease)
-            except FileNotFoundError:
-                # Another process reaped it: to everyone else this process is already gone.
-                reason = "lease file was removed"
-                break
-            except OSError as exc:
-                log.warning("file discovery cannot touch %s: %s", lease, exc)
-                continue
-            last = now
-        else:
-            return  # stopped by close()
-        log.error("file discovery lease %s lost: %s", lease.name, reason)
+    def _keepalive_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        warned: dict[str, int] = {}  # key -> errno last warned about
+        while not self._stop_keepalive.wait(self.keepalive_interval):
+            with self._owned_lock:
+                owned = list(self._owned.items())
+            for key, own in owned:
+                if self._stop_keepalive.is_set():
+                    return
+                now = time.monotonic()
+                if now - own.touched > self._late_after:
+                    self._lose(loop, f"{key!r} was not touched for {now - own.touched:.1f}s")
+                    return
+                try:
+                    outcome = _touch(own.path, own.ino)
+                except OSError as exc:
+                    if warned.get(key) != exc.errno:
+                        warned[key] = exc.errno or 0
+                        log.warning("file discovery cannot touch %s: %s", own.path, exc)
+                    continue
+                warned.pop(key, None)
+                if outcome == "ok":
+                    own.touched = now
+                    continue
+                if outcome == "missing" and time.monotonic() - own.touched > self._late_after / 2:
+                    # Gone while we were late: most likely a peer expired it.
+                    self._lose(loop, f"{own.path} was removed while its keep-alive was late")
+                    return
+                with self._owned_lock:
+                    if self._owned.get(key) is not own:
+                        continue  # deleted or rewritten by this object meanwhile
+                    del self._owned[key]
+                log.info(
+                    "file discovery no longer owns %r: its file was %s by another participant",
+                    key,
+                    "deleted" if outcome == "missing" else "replaced",
+                )
+
+    def _lose(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        self._lost_reason = reason
+        log.error("file discovery lease lost: %s; peers may consider this process gone", reason)
         with contextlib.suppress(RuntimeError):  # loop already closed
             loop.call_soon_threadsafe(self.lease_lost.set)
 
     # -- writes -------------------------------------------------------------------------------
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = self.root / f"{_TMP}{secrets.token_hex(8)}"
+    def _path(self, key: str) -> tuple[str, Path]:
+        bucket, rest = split_key(key)
+        name = encode_name(rest)
+        if len(name) > _NAME_MAX:
+            raise ValueError(
+                f"file discovery key {key!r} is too long: its file name would be {len(name)} "
+                f"bytes (the limit is {_NAME_MAX})"
+            )
+        return bucket, self.root / bucket / name
+
+    def _write_temp(self, directory: Path, data: bytes) -> tuple[Path, int]:
+        for _ in range(16):
+            tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except FileExistsError:
+                continue
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                ino = os.fstat(fd).st_ino
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            os.close(fd)
+            return tmp, ino
+        raise DiscoveryError(f"cannot create a unique temp file in {directory}")
+
+    async def put(self, key: str, value: bytes) -> None:
+        self._check_started()
+        if self._lost_reason is not None:
+            raise DiscoveryError(f"file discovery lease lost ({self._lost_reason})")
+        bucket, path = self._path(key)
+        data = bytes(value)
+        touched = time.monotonic()
+        if bucket not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(bucket)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            # An explicit fine-grained mtime: two writes within one kernel clock tick still
-            # differ in their signature, so watchers notice both.
-            now = time.time_ns()
-            os.utime(tmp, ns=(now, now))
-            os.replace(tmp, path)
+            tmp, ino = self._write_temp(path.parent, data)
+        except FileNotFoundError:  # the bucket directory was removed since
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp, ino = self._write_temp(path.parent, data)
+        try:
+            with self._owned_lock:
+                ours = key in self._owned
+            if ours:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    os.replace(tmp, path)  # create-or-update: replace whatever is there
+                else:
+                    os.unlink(tmp)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-
-    async def put(self, key: str, value: bytes) -> None:
-        self._check_started()
-        header = _header_encoder.encode(_Header(key, self.instance_id))
-        self._write_atomic(self.root / _file_name(key), header + b"\n" + bytes(value))
-        self._owned.add(key)
+        with self._owned_lock:
+            self._owned[key] = _Owned(path, ino, touched)
 
     async def delete(self, key: str) -> None:
         self._check_open()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / _file_name(key))
-        self._owned.discard(key)
-
-    def _remove_if(self, path: Path, keep: _Keep) -> None:
-        """Remove ``path`` unless the file found there satisfies ``keep``.
-
-        Renaming first makes check-and-remove atomic against a concurrent writer: if a fresh
-        file was swapped in meanwhile, it is linked back (unless an even newer one exists).
-        """
-        grabbed = self.root / f"{_REAP}{secrets.token_hex(8)}"
-        try:
-            os.rename(path, grabbed)
-        except FileNotFoundError:
-            return
-        try:
-            if keep(grabbed):
-                with contextlib.suppress(FileExistsError):
-                    os.link(grabbed, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(grabbed)
+        _, path = self._path(key)
+        with self._owned_lock:
+            self._owned.pop(key, None)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(path)
 
     # -- reads --------------------------------------------------------------------------------
-    def _read_record(self, path: Path, sig: tuple[int, int, int]) -> _Record | None:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        end = data.find(b"\n", 0, _HEADER_MAX)
-        if end < 0:
-            return None
-        try:
-            header = _header_decoder.decode(data[:end])
-        except msgspec.DecodeError:
-            return None
-        return _Record(sig, header.key, header.owner, data[end + 1 :])
+    def _skip(self, b: _Bucket, bad: dict[str, object], name: str, sig: object, why: str) -> None:
+        bad[name] = sig
+        if b.bad.get(name) != sig:
+            self.errors += 1
+            log.warning("file discovery skips %s: %s", b.path / name, why)
 
-    # -- liveness and change detection ------------------------------------------------------
-    def _track_lease(self, owner: int, now_ns: int) -> _Lease | None:
-        """Read ``owner``'s lease file and start tracking it; None (and reaped) if it is dead."""
-        path = self._lease_path(owner)
+    def _parent_error(self, path: Path, exc: OSError) -> None:
+        sig = (exc.errno, type(exc).__name__)
+        if self._parent_bad.get(str(path)) != sig:
+            self._parent_bad[str(path)] = sig
+            self.errors += 1
+            log.warning("file discovery cannot list %s: %s", path, exc)
+
+    def _children(self, rel: str, now_ns: int, full: bool) -> tuple[str, ...]:
+        """Subdirectories (not starting with ``.``) of ``$ROOT`` (``rel=""``) or ``$ROOT/rel``."""
+        parent = self._parents.setdefault(rel, _Parent())
+        path = self.root / rel if rel else self.root
         try:
             st = os.stat(path)
-            info: _LeaseInfo | None = _lease_decoder.decode(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, msgspec.DecodeError):
-            info = None  # unreadable (being written?): the mtime decides, re-read at expiry
-        lease = _Lease(path, st.st_ino, st.st_mtime_ns, info)
-        if now_ns - lease.mtime_ns > lease.ttl_ns or (lease.local(self) and not lease.pid_alive()):
-            self._reap_lease(owner, lease)
-            return None
-        if lease.local(self) and info is not None:
-            lease.pidfd = _open_pidfd(info.pid)
-            if lease.pidfd is not None:
-                self._pidfds[lease.pidfd] = owner
-                self._pidpoll.register(lease.pidfd, select.POLLIN)
-            else:
-                lease.next_pid_check_ns = now_ns + self._pid_check_ns
-        self._leases[owner] = lease
-        return lease
-
-    def _untrack_lease(self, owner: int) -> _Lease | None:
-        lease = self._leases.pop(owner, None)
-        if lease is not None and lease.pidfd is not None:
-            self._pidpoll.unregister(lease.pidfd)
-            del self._pidfds[lease.pidfd]
-            os.close(lease.pidfd)
-            lease.pidfd = None
-        return lease
-
-    def _reap_lease(self, owner: int, lease: _Lease) -> None:
-        self._untrack_lease(owner)
-        if owner != self._instance_id:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lease.path)
-
-    def _check_leases(self, now_ns: int) -> bool:
-        """Drop (and reap) tracked leases that died; True if any did.
-
-        A lease's file is only stat'ed once its last seen mtime is a ttl old (its owner touches
-        it every ttl/3, so that is about once per ttl), and the pids of local owners are watched
-        through pidfds (one ``poll`` for all of them), so a steady state costs no file I/O.
-        """
-        dead: list[int] = []
-        reread: list[int] = []
-        for owner, lease in self._leases.items():
-            if now_ns - lease.mtime_ns > lease.ttl_ns:
-                try:
-                    st = os.stat(lease.path)
-                except FileNotFoundError:
-                    dead.append(owner)
-                    continue
-                if st.st_ino != lease.inode or lease.info is None:
-                    reread.append(owner)  # replaced or unreadable: read it again when needed
-                    continue
-                lease.mtime_ns = st.st_mtime_ns
-                if now_ns - lease.mtime_ns > lease.ttl_ns:
-                    dead.append(owner)
-                    continue
-            if lease.next_pid_check_ns and now_ns >= lease.next_pid_check_ns:
-                if not lease.pid_alive():
-                    dead.append(owner)
-                    continue
-                lease.next_pid_check_ns = now_ns + self._pid_check_ns
-        if self._pidfds:
-            dead.extend(self._pidfds[fd] for fd, _ in self._pidpoll.poll(0))
-        for owner in reread:
-            self._untrack_lease(owner)
-        for owner in dead:
-            if owner in self._leases:
-                self._reap_lease(owner, self._leases[owner])
-        return bool(dead or reread)
-
-    def _rescan(self, now_ns: int) -> bool:
-        """Re-list the directory: re-read changed key files, track new leases, reap temp files.
-
-        True if a tracked lease's file is gone (its owner's keys are no longer live).
-        """
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            entries = []
-        cache: dict[str, _Record] = {}
-        garbage: dict[str, tuple[int, int, int]] = {}
-        leases: set[int] = set()
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                if name.startswith(_LEASE):
-                    with contextlib.suppress(ValueError):
-                        leases.add(int(name[len(_LEASE) :], 16))
-                elif name.startswith((_TMP, _REAP)):
-                    self._reap_temp(entry, now_ns)
-                continue
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-            record = self._cache.get(name)
-            if record is None or record.sig != sig:
-                if self._garbage.get(name) == sig:
-                    garbage[name] = sig
-                    continue
-                record = self._read_record(Path(entry.path), sig)
-                if record is None:
-                    garbage[name] = sig  # not ours (no header): not re-read until it changes
-                    continue
-            cache[name] = record
-        self._cache = cache
-        self._garbage = garbage
-        gone = self._leases.keys() - leases
-        for owner in gone:
-            self._untrack_lease(owner)
-        for owner in leases - self._leases.keys():
-            self._track_lease(owner, now_ns)
-        return bool(gone)
-
-    def _refresh(self, *, full: bool = False) -> None:
-        """Bring :attr:`_live` up to date with the directory; bump :attr:`_version` on change.
-
-        The directory is only re-listed when its mtime changed (every write, delete and lease
-        creation renames or unlinks in it), or when that mtime is too recent to be trusted
-        (two changes within one timestamp tick look alike), or every :data:`_RESCAN_EVERY`
-        as a backstop against odd filesystem clocks. Otherwise a refresh is one ``stat`` plus
-        the lease checks of :meth:`_check_leases`.
-        """
-        now_ns = time.time_ns()
-        try:
-            mtime = os.stat(self.root).st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        changed = False
+        except (FileNotFoundError, NotADirectoryError):
+            parent.children, parent.mtime_ns = (), None
+            return ()
+        except OSError as exc:
+            self._parent_error(path, exc)
+            return parent.children
+        if not stat.S_ISDIR(st.st_mode):
+            parent.children, parent.mtime_ns = (), None
+            return ()
         if (
             full
-            or mtime is None
-            or mtime != self._dir_mtime
-            or self._dir_scanned_ns - mtime < _MTIME_MARGIN_NS
-            or now_ns - self._dir_scanned_ns > _RESCAN_EVERY_NS
+            or st.st_mtime_ns != parent.mtime_ns
+            or parent.scanned_ns - st.st_mtime_ns < _MTIME_MARGIN_NS
+            or now_ns - parent.scanned_ns > _RESCAN_EVERY_NS
         ):
-            old = {name: rec.sig for name, rec in self._cache.items()}
-            leases_gone = self._rescan(now_ns)
-            self._dir_mtime, self._dir_scanned_ns = mtime, now_ns
-            changed = leases_gone or old != {name: rec.sig for name, rec in self._cache.items()}
-        changed = self._check_leases(now_ns) or changed or self._version == 0
-        if not changed:
-            return
-        live: dict[str, _Record] = {}
-        for name, record in list(self._cache.items()):
-            owner = record.owner
-            if owner in self._leases or self._track_lease(owner, now_ns) is not None:
-                live[record.key] = record
-            else:
-                # Keep it if a fresh write replaced the dead file since we looked.
-                self._remove_if(self.root / name, functools.partial(_other_inode, record.sig[0]))
-                del self._cache[name]
-        if {k: r.sig for k, r in live.items()} != {k: r.sig for k, r in self._live.items()}:
-            self._live = live
+            try:
+                with os.scandir(path) as it:
+                    names = []
+                    for entry in it:
+                        with contextlib.suppress(OSError):
+                            if not entry.name.startswith(".") and entry.is_dir():
+                                names.append(entry.name)
+            except OSError as exc:
+                self._parent_error(path, exc)
+                return parent.children
+            self._parent_bad.pop(str(path), None)
+            parent.children = tuple(sorted(names))
+            parent.mtime_ns, parent.scanned_ns = st.st_mtime_ns, now_ns
+        return parent.children
+
+    def _bucket_names(self, prefix: str, now_ns: int, full: bool) -> set[str]:
+        """The buckets that may hold keys under ``prefix`` (listing parents if needed)."""
+        parts = prefix.split("/", 2)
+        names: set[str] = {b for b in self._buckets if _bucket_matches(b, prefix)}
+        if len(parts) == 3:
+            seg0, seg1 = parts[0], parts[1]
+            if seg0 and seg1 and not seg0.startswith(".") and not seg1.startswith("."):
+                names.add(f"{seg0}/{seg1}")
+        elif len(parts) == 2:
+            seg0, start = parts
+            if seg0 and not seg0.startswith("."):
+                names.update(
+                    f"{seg0}/{c}" for c in self._children(seg0, now_ns, full) if c.startswith(start)
+                )
+        else:
+            for seg0 in self._children("", now_ns, full):
+                if seg0.startswith(prefix):
+                    names.update(f"{seg0}/{c}" for c in self._children(seg0, now_ns, full))
+        return names
+
+    def _refresh(self, prefixes: Iterable[str], *, full: bool = False) -> None:
+        """Bring the buckets under ``prefixes`` up to date; bump :attr:`_version` on change."""
+        now_ns = time.time_ns()
+        names: set[str] = set()
+        for prefix in prefixes:
+            names |= self._bucket_names(prefix, now_ns, full)
+        changed = False
+        for name in sorted(names):
+            changed = self._refresh_bucket(name, now_ns, full) or changed
+        if changed or self._version == 0:
             self._version += 1
             self._wake_all()
 
-    def _scan(self, prefix: str) -> dict[str, _Record]:
-        """Live entries under ``prefix``, read now."""
-        self._refresh(full=True)
-        return {key: rec for key, rec in self._live.items() if key.startswith(prefix)}
+    def _refresh_bucket(self, name: str, now_ns: int, full: bool) -> bool:
+        b = self._buckets.get(name)
+        if b is None:
+            b = self._buckets[name] = _Bucket(name, self.root / name)
+        try:
+            st = os.stat(b.path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(b.path))
+        except (FileNotFoundError, NotADirectoryError):
+            del self._buckets[name]
+            self._made.discard(name)
+            return bool(b.recs)
+        except OSError as exc:
+            self._parent_error(b.path, exc)
+            return False
+        trusted = (
+            b.mtime_ns is not None
+            and st.st_mtime_ns == b.mtime_ns
+            and b.scanned_ns - b.mtime_ns >= _MTIME_MARGIN_NS
+        )
+        if full or not trusted or now_ns - b.scanned_ns > _RESCAN_EVERY_NS:
+            return self._relist(b, st.st_mtime_ns, now_ns, dir_changed=not trusted)
+        return self._check_expiry(b, now_ns)
+
+    def _relist(self, b: _Bucket, dir_mtime_ns: int, now_ns: int, *, dir_changed: bool) -> bool:
+        try:
+            it = os.scandir(b.path)
+        except FileNotFoundError:
+            had = bool(b.recs)
+            b.recs, b.bad, b.mtime_ns = {}, {}, None
+            return had
+        except OSError as exc:
+            self._parent_error(b.path, exc)
+            return False
+        self._parent_bad.pop(str(b.path), None)
+        recs: dict[str, _Rec] = {}
+        bad: dict[str, object] = {}
+        by_key: dict[str, str] = {}
+        with it:
+            entries = list(it)
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if name.startswith("."):
+                if name.startswith(TMP_PREFIX):
+                    self._reap_temp(entry, now_ns)
+                continue
+            try:
+                st: os.stat_result | None = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._skip(b, bad, name, ("stat", exc.errno), f"cannot stat it: {exc}")
+                continue
+            assert st is not None
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                self._skip(b, bad, name, ("type", stat.S_IFMT(st.st_mode), st.st_ino), kind)
+                continue
+            if now_ns - st.st_mtime_ns > self._expire_ns:
+                st = self._expire(b, name, st.st_ino, now_ns)
+                if st is None:
+                    continue
+            rec = self._record(b, name, st, bad, dir_changed=dir_changed)
+            if rec is None:
+                continue
+            other = by_key.get(rec.key)
+            if other is not None:  # two names decode to one key: keep Dynamo's spelling
+                canonical = encode_name(rec.key[len(b.name) + 1 :])
+                drop = other if name == canonical else name
+                self._skip(b, bad, drop, ("dup", rec.key), f"another file also holds {rec.key!r}")
+                if drop == name:
+                    continue
+                del recs[other]
+            by_key[rec.key] = name
+            recs[name] = rec
+        changed = recs.keys() != b.recs.keys() or any(b.recs[n] is not r for n, r in recs.items())
+        b.recs, b.bad = recs, bad
+        b.mtime_ns, b.scanned_ns = dir_mtime_ns, now_ns
+        self._set_next_expiry(b)
+        return changed
+
+    def _record(
+        self,
+        b: _Bucket,
+        name: str,
+        st: os.stat_result,
+        bad: dict[str, object],
+        *,
+        dir_changed: bool,
+    ) -> _Rec | None:
+        """The record for file ``name`` (stat ``st``): the previous one if unchanged, else read."""
+        old = b.recs.get(name)
+        if (
+            old is not None
+            and old.ino == st.st_ino
+            and old.size == st.st_size
+            and (old.mtime_ns == st.st_mtime_ns or not dir_changed)
+        ):
+            old.mtime_ns = st.st_mtime_ns  # a touch (no write happened in the directory)
+            return old
+        rest = decode_name(name)
+        if not rest:
+            self._skip(b, bad, name, ("name",), "its name is not a percent-encoded UTF-8 key")
+            return None
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if b.bad.get(name) == sig:
+            bad[name] = sig  # already known to be unreadable: not retried until it changes
+            return None
+        if st.st_size > _MAX_VALUE:
+            self._skip(b, bad, name, sig, f"{st.st_size} bytes is too large for a record")
+            return None
+        try:
+            value, fst = _read(b.path / name)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._skip(b, bad, name, sig, f"cannot read it: {exc}")
+            return None
+        if old is not None and old.ino == fst.st_ino and old.value == value:
+            old.size, old.mtime_ns = fst.st_size, fst.st_mtime_ns
+            return old
+        return _Rec(f"{b.name}/{rest}", value, fst.st_ino, fst.st_size, fst.st_mtime_ns)
+
+    def _set_next_expiry(self, b: _Bucket) -> None:
+        oldest = min((r.mtime_ns for r in b.recs.values()), default=None)
+        b.next_expiry_ns = (1 << 63) if oldest is None else oldest + self._expire_ns
+
+    def _check_expiry(self, b: _Bucket, now_ns: int) -> bool:
+        """Between listings: ``stat`` the files last seen ``expire_after`` ago; expire the dead."""
+        if now_ns <= b.next_expiry_ns:
+            return False
+        changed = relist = False
+        for name, rec in list(b.recs.items()):
+            if now_ns - rec.mtime_ns <= self._expire_ns:
+                continue
+            try:
+                st = os.stat(b.path / name, follow_symlinks=False)
+            except FileNotFoundError:
+                del b.recs[name]
+                changed = True
+                continue
+            except OSError:
+                relist = True
+                continue
+            if st.st_ino != rec.ino or st.st_size != rec.size or not stat.S_ISREG(st.st_mode):
+                relist = True  # rewritten: the listing re-reads it
+                continue
+            rec.mtime_ns = st.st_mtime_ns
+            if now_ns - rec.mtime_ns > self._expire_ns:
+                if self._expire(b, name, rec.ino, now_ns) is None:
+                    del b.recs[name]
+                    changed = True
+                else:
+                    relist = True
+        self._set_next_expiry(b)
+        if relist:
+            try:
+                dir_mtime_ns = os.stat(b.path).st_mtime_ns
+            except OSError:
+                dir_mtime_ns = 0  # gone or unreadable: _relist finds out
+            changed = self._relist(b, dir_mtime_ns, now_ns, dir_changed=True) or changed
+        return changed
+
+    def _expire(self, b: _Bucket, name: str, ino: int, now_ns: int) -> os.stat_result | None:
+        """Remove ``name`` if it still is the expired file ``ino``; its fresh stat if it lives."""
+        path = b.path / name
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if st.st_ino != ino or now_ns - st.st_mtime_ns <= self._expire_ns:
+            return st if stat.S_ISREG(st.st_mode) else None  # touched or rewritten meanwhile
+        age = (now_ns - st.st_mtime_ns) / 1e9
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # Treated as gone all the same (Dynamo does too); say so once per file.
+            if self._unlink_failed.get(str(path)) != ino:
+                self._unlink_failed[str(path)] = ino
+                log.warning("file discovery cannot remove expired %s: %s", path, exc)
+            return None
+        log.info("expired discovery file %s (last modified %.1fs ago)", path, age)
+        return None
 
     def _reap_temp(self, entry: os.DirEntry[str], now_ns: int) -> None:
-        # A writer killed between create and replace leaves its temp file behind.
         with contextlib.suppress(OSError):
-            if now_ns - entry.stat().st_mtime_ns > max(self.ttl, 60.0) * 1e9:
+            if now_ns - entry.stat(follow_symlinks=False).st_mtime_ns > _TMP_ABANDONED_NS:
                 os.unlink(entry.path)
+
+    def _view(self, prefix: str) -> dict[str, _Rec]:
+        return {
+            rec.key: rec
+            for b in self._buckets.values()
+            if _bucket_matches(b.name, prefix)
+            for rec in b.recs.values()
+            if rec.key.startswith(prefix)
+        }
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
         self._check_open()
-        return {key: rec.value for key, rec in self._scan(prefix).items()}
+        self._refresh([prefix], full=True)
+        return {key: rec.value for key, rec in self._view(prefix).items()}
 
+    # -- watch --------------------------------------------------------------------------------
     async def watch_prefix(self, prefix: str) -> AsyncGenerator[DiscoveryEvent, None]:
         if self._closed:
             return
-        # Each wake-up diffs against the previous state, so the snapshot-to-live handover
-        # loses nothing: whatever changed after the snapshot shows up in the next diff.
-        current = self._scan(prefix)
-        seen = self._version
-        self._watchers += 1
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(
-                self._poll_loop(), name=f"discovery-file-poll-{self.root}"
-            )
+        self._interest[prefix] += 1
         try:
+            # Each wake-up diffs against the previous state, so the snapshot-to-live handover
+            # loses nothing: whatever changed after the snapshot shows up in the next diff.
+            self._refresh([prefix], full=True)
+            current = self._view(prefix)
+            seen = self._version
+            if self._poller is None:
+                self._poller = asyncio.get_running_loop().create_task(
+                    self._poll_loop(), name=f"discovery-dynamo-file-poll-{self.root}"
+                )
             for key in sorted(current):
                 yield DiscoveryEvent("put", key, current[key].value)
             while not self._closing.is_set():
@@ -551,17 +713,18 @@ class FileDiscovery(Discovery):
                         self._waiters.discard(waiter)
                     continue
                 seen = self._version
-                latest = {k: r for k, r in self._live.items() if k.startswith(prefix)}
+                latest = self._view(prefix)
                 for key in sorted(current.keys() - latest.keys()):
                     yield DiscoveryEvent("delete", key, None)
                 for key in sorted(latest):
-                    old = current.get(key)
-                    if old is None or old.sig != latest[key].sig:
+                    if current.get(key) is not latest[key]:
                         yield DiscoveryEvent("put", key, latest[key].value)
                 current = latest
         finally:
-            self._watchers -= 1
-            if self._watchers == 0 and self._poller is not None:
+            self._interest[prefix] -= 1
+            if self._interest[prefix] <= 0:
+                del self._interest[prefix]
+            if not self._interest and self._poller is not None:
                 self._poller.cancel()
                 self._poller = None
 
@@ -570,8 +733,8 @@ class FileDiscovery(Discovery):
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                self._refresh()
-            except Exception as exc:  # e.g. the directory became unreadable
+                self._refresh(list(self._interest))
+            except Exception as exc:  # a bug: surface it in the watches, do not spin silently
                 for waiter in self._waiters:
                     if not waiter.done():
                         waiter.set_exception(exc)
@@ -581,6 +744,7 @@ class FileDiscovery(Discovery):
             if not waiter.done():
                 waiter.set_result(None)
 
+    # -- shutdown -----------------------------------------------------------------------------
     async def close(self) -> None:
         if self._closed:
             return
@@ -592,21 +756,49 @@ class FileDiscovery(Discovery):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        for owner in list(self._leases):
-            self._untrack_lease(owner)
         if self._keepalive is not None:
             self._stop_keepalive.set()
             await asyncio.to_thread(self._keepalive.join)
-        if self._instance_id is not None:
-            me = self._instance_id
+        with self._owned_lock:
+            owned, self._owned = self._owned, {}
+        for own in owned.values():  # all at once, as Dynamo does on shutdown
+            try:
+                if os.lstat(own.path).st_ino == own.ino:  # still ours, not a newer writer's
+                    os.unlink(own.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("file discovery cannot remove %s on close: %s", own.path, exc)
 
-            def someone_elses(path: Path) -> bool:
-                record = self._read_record(path, (0, 0, 0))
-                return record is not None and record.owner != me
 
-            for key in sorted(self._owned):
-                # Only if still ours: another process may have overwritten the key since.
-                self._remove_if(self.root / _file_name(key), someone_elses)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._lease_path(me))
-        self._owned.clear()
+def _touch(path: Path, ino: int) -> str:
+    """Set ``path``'s mtime to now if it still is inode ``ino``: "ok", "missing" or "replaced"."""
+    try:
+        fd = os.open(path, os.O_WRONLY | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):
+            return "replaced"  # a symlink, directory or fifo took its place
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_ino != ino:
+            return "replaced"
+        os.utime(fd, ns=(st.st_atime_ns, time.time_ns()))
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    """The content of regular file ``path`` and the stat of exactly the inode read."""
+    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = f.read(_MAX_VALUE + 1)
+        if len(data) > _MAX_VALUE:
+            raise OSError(errno.EFBIG, "too large for a discovery record", str(path))
+        return data, st

@@ -5,16 +5,19 @@
 - ``None``, ``""``, ``memory://`` or ``memory://NAME``: in-process; every plane opened with the
   same name in one process shares one bus (tests, single-process setups).
 - ``nats://HOST:PORT[,nats://HOST:PORT...]`` (also ``tls://``): NATS core pub/sub.
-- ``zmq://`` or ``zmq://HOST``: direct ZMQ PUB/SUB between processes, no server; publishers are
-  found through ``discovery`` (required), see :mod:`.zmq_plane`.
+- ``zmq://`` or ``zmq://HOST``: direct ZMQ PUB/SUB between processes, no server, in NVIDIA
+  Dynamo 1.6.1's form (4-frame messages, ``EventChannel`` / ``EventSource`` discovery records):
+  publishers are found through ``discovery`` (required), see :mod:`.zmq_plane`.
 
 The contract every backend keeps is in :mod:`.base`. Subjects follow Dynamo's NATS layout:
-``namespace.{ns}.component.{comp}.{topic}`` with ``ns`` and ``comp`` percent-encoded.
+``namespace.{ns}.component.{comp}.{topic}`` with ``ns`` and ``comp`` percent-encoded
+(:mod:`.subjects`). Payloads are opaque bytes to every plane; the KV ones are Dynamo's
+(``protocols.kv.encode_kv_events`` / ``encode_load``) on every plane.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from .base import (
     DEFAULT_MAX_PENDING,
@@ -24,16 +27,29 @@ from .base import (
     Subscription,
     validate_subject,
 )
+from .dynamo_wire import EVENT_CHANNELS_PREFIX, EVENT_SOURCES_PREFIX
 from .memory import MemoryEventPlane
 from .nats_plane import NatsEventPlane
-from .zmq_plane import EVENT_CHANNELS_PREFIX, ZmqEventPlane
+from .subjects import (
+    KV_EVENTS_TOPIC,
+    KV_METRICS_TOPIC,
+    component_subject,
+    decode_segment,
+    encode_segment,
+    kv_events_subject,
+    kv_metrics_subject,
+    parse_component_subject,
+)
+from .zmq_plane import DEFAULT_ENDPOINT, ZmqEventPlane
 
 if TYPE_CHECKING:
     from ..discovery import Discovery
 
 __all__ = [
+    "DEFAULT_ENDPOINT",
     "DEFAULT_MAX_PENDING",
     "EVENT_CHANNELS_PREFIX",
+    "EVENT_SOURCES_PREFIX",
     "KV_EVENTS_TOPIC",
     "KV_METRICS_TOPIC",
     "EventPlane",
@@ -44,11 +60,13 @@ __all__ = [
     "Subscription",
     "ZmqEventPlane",
     "component_subject",
+    "decode_segment",
     "default_event_url",
     "encode_segment",
     "kv_events_subject",
     "kv_metrics_subject",
     "open_event_plane",
+    "parse_component_subject",
     "validate_subject",
 ]
 
@@ -63,43 +81,21 @@ def default_event_url(discovery: Discovery | None) -> str | None:
         return None
     return "zmq://"
 
-#: Topic of :class:`~dynamo_backend_common.protocols.kv.RouterEvent` messages (Dynamo's name).
-KV_EVENTS_TOPIC: Final = "kv-events"
-#: Topic of :class:`~dynamo_backend_common.protocols.kv.LoadSnapshot` messages (Dynamo's name).
-KV_METRICS_TOPIC: Final = "kv_metrics"
-
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _FORMS = "memory://[NAME], nats://HOST:PORT[,...] or zmq://[HOST]"
 
 
-def encode_segment(segment: str) -> str:
-    """Percent-encode every UTF-8 byte outside ``[A-Za-z0-9_-]`` as ``%XX`` (Dynamo's rule),
-    so a name with dots or spaces stays one subject token."""
-    if segment and all(ord(c) < 128 and ord(c) in _SAFE for c in segment):
-        return segment
-    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in segment.encode())
-
-
-def component_subject(namespace: str, component: str, topic: str) -> str:
-    """``namespace.{ns}.component.{comp}.{topic}`` with ``ns`` and ``comp`` encoded."""
-    return f"namespace.{encode_segment(namespace)}.component.{encode_segment(component)}.{topic}"
-
-
-def kv_events_subject(namespace: str, component: str) -> str:
-    """Where a component's workers publish msgpack ``RouterEvent`` s."""
-    return component_subject(namespace, component, KV_EVENTS_TOPIC)
-
-
-def kv_metrics_subject(namespace: str, component: str) -> str:
-    """Where a component's workers publish msgpack ``LoadSnapshot`` s."""
-    return component_subject(namespace, component, KV_METRICS_TOPIC)
-
-
-def open_event_plane(url: str | None, *, discovery: Discovery | None = None) -> EventPlane:
+def open_event_plane(
+    url: str | None,
+    *,
+    discovery: Discovery | None = None,
+    endpoint: str = DEFAULT_ENDPOINT,
+) -> EventPlane:
     """A not-yet-started :class:`EventPlane` for ``url`` (see the module docstring).
 
-    Raises :class:`ValueError` for a malformed or unsupported URL, or ``zmq://`` without a
-    ``discovery``; nothing is connected here.
+    ``endpoint`` is the endpoint whose scope the ZMQ plane announces its channels in (a worker
+    passes its own; other planes ignore it). ``zmq://`` binds on ``$DYN_EVENT_PLANE_HOST``, else
+    127.0.0.1; ``zmq://HOST`` on HOST. Raises :class:`ValueError` for a malformed or unsupported
+    URL, or ``zmq://`` without a ``discovery``; nothing is connected here.
     """
     url = (url or "").strip()
     if not url:
@@ -119,8 +115,8 @@ def open_event_plane(url: str | None, *, discovery: Discovery | None = None) -> 
     if scheme == "zmq":
         if discovery is None:
             raise ValueError("the zmq:// event plane needs a discovery to announce publishers")
-        host = rest.strip("/") or "127.0.0.1"
+        host = rest.strip("/")
         if any(c in host for c in "/?#@ ") or host.count(":") == 1:
             raise ValueError(f"event plane URL {url!r}: expected zmq:// or zmq://HOST (no port)")
-        return ZmqEventPlane(discovery, host=host)
+        return ZmqEventPlane(discovery, host=host or None, endpoint=endpoint)
     raise ValueError(f"unsupported event plane URL scheme {scheme!r} in {url!r}; expected {_FORMS}")

@@ -14,6 +14,8 @@ Every backend (memory, NATS, ZMQ) implements :class:`EventPlane`. Contract, shar
   far as the backend can tell: see each backend's notes). Subjects are dot-separated tokens;
   a ``*`` token matches any one token and a final ``>`` token matches one or more tokens
   (NATS semantics: ``a.>`` matches ``a.b`` and ``a.b.c`` but not ``a``).
+- ``prepare_publish(subject)`` gets a publisher ready before its first message (the ZMQ
+  plane announces the subject's channel, so subscribers connect before events flow).
 - ``flush()`` waits until everything published so far was handed to the transport.
 - ``close()`` ends every subscription of this plane (their iterators stop) and releases the
   transport. It is idempotent; ``publish`` after it is dropped silently (shutdown races),
@@ -290,6 +292,12 @@ class EventPlane(abc.ABC):
     @abc.abstractmethod
     def publish(self, subject: str, payload: bytes) -> None:
         """Send ``payload`` on the concrete ``subject``; never blocks."""
+
+    def prepare_publish(self, subject: str) -> None:
+        """Get ready to publish on ``subject`` before the first message, so that subscribers
+        can connect in time (the ZMQ plane binds and announces the subject's channel now;
+        :meth:`flush` waits for the announcement). A no-op on planes with a server."""
+        self._check_usable("prepare_publish")
 
     @abc.abstractmethod
     def subscribe(self, subject: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:

@@ -376,6 +376,7 @@ class CallHomeServer:
         self.stats = CallHomeStats()
         self._handlers: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
+        self._address = ""
         self._conns: set[_RequestConn] = set()
         self._streams: set[_ServerStream] = set()
         self._closing = False
@@ -389,13 +390,14 @@ class CallHomeServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _RequestConn(self), self.host, self.port,
                                                backlog=1024)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def address(self) -> str:
-        """``host:port`` actually bound."""
-        assert self._server is not None, "start() first"
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """``host:port`` actually bound (kept after :meth:`stop_accepting`)."""
+        assert self._address, "start() first"
+        return self._address
 
     @property
     def inflight(self) -> int:
@@ -739,6 +741,7 @@ class CallHomeClient:
             or "127.0.0.1"
         self.stats = CallHomeStats()
         self._pending: dict[str, _ClientStream] = {}
+        self._active: set[_ClientStream] = set()
         self._conns: dict[str, _ReqConn] = {}
         self._connecting: dict[str, asyncio.Task[_ReqConn]] = {}
         self._home: asyncio.Server | None = None
@@ -828,6 +831,7 @@ class CallHomeClient:
         conn = await self._connection(address)
         st = _ClientStream(codec)
         self._pending[subject] = st
+        self._active.add(st)
         loop = asyncio.get_running_loop()
         ack: asyncio.Future[str] = loop.create_future()
         conn.acks.append(ack)
@@ -865,6 +869,7 @@ class CallHomeClient:
                 await st.waiter
         finally:
             self._pending.pop(subject, None)
+            self._active.discard(st)
             if on_stop is not None and ctx is not None:
                 ctx.remove_stop_callback(on_stop)
             if st.kill_watch is not None:
@@ -922,8 +927,10 @@ class CallHomeClient:
             if conn.transport is not None:
                 conn.transport.close()
         self._conns.clear()
-        for st in list(self._pending.values()):
+        for st in list(self._active):
             st.finish(DynamoError.disconnected("request plane client closed"))
+            if st.back is not None and st.back.transport is not None:
+                st.back.transport.abort()  # a plain drop: the worker must not see a cancel
         self._pending.clear()
         if self._home is not None:
             self._home.close()
