@@ -115,8 +115,10 @@ def test_dynamo_frontend_serves_our_mocker_and_a_disconnect_aborts_once(
                     break
     line = slow.wait_line("lifecycle: abort ", 15.0)
     request_id = line.split("lifecycle: abort ", 1)[1].strip()
+    slow.stop()  # after its orderly exit every record is on disk: count them
     lines = events.read_text().splitlines()
     assert lines.count(f"abort {request_id}") == 1, lines
+    assert lines[-1] == "cleanup", lines
 
 
 def test_dynamo_kv_router_follows_our_mockers_kv_events(deployment: Deployment) -> None:
