@@ -4,34 +4,52 @@ the frontend's ModelManager, Router and EngineClient."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
 from dynamo_backend_common import Context, PreprocessedRequest, StopConditions
 from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
 from dynamo_backend_common.echo import EchoEngine
+from dynamo_backend_common.engine import (
+    ComponentSnapshot,
+    EngineConfig,
+    KvEventSource,
+    MetricsBindings,
+    MetricsCtx,
+    PushKvEventSource,
+)
 from dynamo_backend_common.frontend.engine_client import EngineClient
 from dynamo_backend_common.frontend.model_manager import ModelManager
 from dynamo_backend_common.frontend.routing import Router
-from dynamo_backend_common.kv.hashing import block_hashes
+from dynamo_backend_common.kv.hashing import block_hashes, local_block_hashes
 from dynamo_backend_common.mocker import MockerEngine
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
 from dynamo_backend_common.protocols.common import LLMEngineOutput, RoutingHints
 from dynamo_backend_common.protocols.kv import (
     KvCacheEvent,
     KvStored,
+    LoadSnapshot,
     RouterEvent,
     StoredBlock,
+    decode_kv_events,
     encode_kv_events,
+    encode_load,
 )
 from dynamo_backend_common.runtime.discovery import open_discovery
-from dynamo_backend_common.runtime.events import kv_events_subject, open_event_plane
+from dynamo_backend_common.runtime.events import (
+    kv_events_subject,
+    kv_metrics_subject,
+    open_event_plane,
+)
+from dynamo_backend_common.runtime.publishers import KvEventPublisher, SnapshotPublisher
 from dynamo_backend_common.worker import Worker
 
 
