@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -322,3 +323,32 @@ async def test_truncated_response_stream_is_a_disconnect() -> None:
         assert err.value.kind is BackendError.Disconnected
     finally:
         srv.close()
+
+
+async def test_wait_dialed_holds_until_every_accepted_request_has_called_home() -> None:
+    """Shutdown unregisters only once no accepted request still waits for its call-home
+    connection (a Dynamo frontend fails those when the instance leaves discovery)."""
+    # A call-home listener whose accept queue is full: the server's dial-back hangs in connect.
+    home = socket.socket()
+    home.bind(("127.0.0.1", 0))
+    home.listen(0)
+    fillers = []
+    for _ in range(2):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(home.getsockname())
+        fillers.append(f)  # loopback handshakes complete inside connect_ex
+    async with CallHomeServer(connect_timeout=1.0) as srv:
+        srv.add_endpoint(PATH, counting)
+        assert await srv.wait_dialed(0)  # nothing accepted yet
+        info = {"address": f"127.0.0.1:{home.getsockname()[1]}", "subject": "s1",
+                "stream_type": "response"}
+        control = json.dumps({"id": "r1", "payload_codec": "msgpack", "connection_info": {
+            "transport": "tcp_server", "info": json.dumps(info)}}).encode()
+        frame = encode_request_frame(PATH, {}, control, body(1))
+        assert await raw_request(srv.address, frame) == b""  # accepted
+        assert not await srv.wait_dialed(0.2)  # still dialling home
+        assert await srv.wait_dialed(TIMEOUT)  # the dial-back gave up (connect_timeout)
+        assert srv.stats.protocol_errors == 1
+    for s in [home, *fillers]:
+        s.close()

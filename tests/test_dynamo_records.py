@@ -99,6 +99,37 @@ def test_our_card_has_every_field_dynamos_frontend_requires() -> None:
     assert model_key("ns", "c", "generate", 255) == "v1/mdc/ns/c/generate/ff"
 
 
+def test_mdcsum_matches_what_the_real_dynamo_frontend_computed() -> None:
+    """Dynamo's frontend pools workers of one model only when their card checksums agree. Both
+    values were read from the real 1.6.1 frontend's log ("Rejected incompatible workers ...
+    incumbent_checksum=... rejected_checksum=...") with Dynamo's mocker and ours serving the
+    repo's tiny model as "our-pool" from /work/main: theirs reported no context length, ours
+    8192. The checksum ignores where the files are, and the runtime config's figures."""
+    src = "/work/main/src/dynamo_backend_common/_data/tiny-model"
+
+    def card(ctx: int | None, **kw: object) -> ModelDeploymentCard:
+        c = ModelDeploymentCard(display_name="our-pool", slug="our_pool", source_path=src,
+                                **checked_files(TINY, url_base="http://h:1/x"),  # type: ignore[arg-type]
+                                **kw)  # type: ignore[arg-type]
+        c.runtime_config.context_length = ctx
+        return c
+
+    dynamos = "f260b26038343d6c4daf98823ad08aaef2698498cf8314dbd0f20fd02d48db9c"
+    assert card(0).mdcsum() == dynamos
+    assert card(8192).mdcsum() == (
+        "51ea19f29bd8eed4e2dacd9f0eccd6f67b2d9d85899165c882cbc9648f24743e")
+    local = card(0)
+    for k, v in checked_files(TINY).items():  # local paths instead of URLs
+        setattr(local, k, v)
+    local.runtime_config.total_kv_blocks = 7
+    assert local.mdcsum() == dynamos
+    # No runtime figure: the model's own limit counts.
+    assert card(None, architectural_max_context_length=8192).mdcsum() == card(8192).mdcsum()
+    for changed in (card(0, kv_cache_block_size=32), card(0, worker_type="decode"),
+                    card(0, needs=[["prefill"]])):
+        assert changed.mdcsum() != dynamos
+
+
 def test_blake3_checksum_is_plain_blake3_of_the_bytes(tmp_path: Path) -> None:
     # The blake3 test vector for the empty input.
     (tmp_path / "tokenizer.json").write_bytes(b"")

@@ -231,11 +231,28 @@ async def test_output_stops_at_the_context_length() -> None:
     ],
 )
 async def test_invalid_requests_raise_invalid_argument(
-    engine: MockerEngine, request_: PreprocessedRequest, what: str
+    request_: PreprocessedRequest, what: str
 ) -> None:
-    with pytest.raises(DynamoError) as info:
-        await collect(engine.generate(request_, mock_context()))
-    assert info.value.kind is BackendError.InvalidArgument, what
+    engine = await started(context_length=8192)
+    try:
+        with pytest.raises(DynamoError) as info:
+            await collect(engine.generate(request_, mock_context()))
+        assert info.value.kind is BackendError.InvalidArgument, what
+    finally:
+        await engine.cleanup()
+
+
+async def test_without_a_context_length_the_kv_capacity_is_the_limit() -> None:
+    engine = MockerEngine(**FAST, num_gpu_blocks=4, block_size=4)
+    cfg = await engine.start(1)
+    try:
+        assert cfg.context_length is None  # the card says 0, as Dynamo's mocker's does
+        with pytest.raises(DynamoError, match="KV capacity 16"):
+            await collect(engine.generate(req(list(range(16))), mock_context()))
+        chunks = await collect(engine.generate(req(list(range(10)), 100), mock_context()))
+        assert len(tokens_of(chunks)) == 6  # 10 + 6 = 16 tokens of KV
+    finally:
+        await engine.cleanup()
 
 
 async def test_lifecycle_errors_are_engine_shutdown() -> None:

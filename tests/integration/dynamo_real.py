@@ -53,6 +53,8 @@ class Proc:
         self.argv = list(argv)
         self.log_path = log
         self.lines: list[str] = []
+        #: ``http://host:port`` of the process's status server (/metrics), where known.
+        self.status_url = ""
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env,
@@ -165,12 +167,18 @@ class Deployment:
 
     def dynamo_mocker(self, name: str, *extra: str, speedup: float = 1000000,
                       system_port: int | None = None) -> Proc:
-        sp = {} if system_port is None else {"DYN_SYSTEM_PORT": str(system_port)}
-        return self._spawn("dynamo-mocker", [
+        """Dynamo's mocker; its status server (/metrics) on ``system_port`` (0: a free one)."""
+        sp: dict[str, str] = {}
+        if system_port is not None:
+            sp = {"DYN_SYSTEM_PORT": str(system_port or _free_i16_port())}
+        p = self._spawn("dynamo-mocker", [
             self.python, "-m", "dynamo.mocker", "--model-path", str(TINY_MODEL),
             "--model-name", name, "--speedup-ratio", str(speedup), "--block-size", "16",
             "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq",
             *extra], sp)
+        if sp:
+            p.status_url = f"http://127.0.0.1:{sp['DYN_SYSTEM_PORT']}"
+        return p
 
     # -- ours ---------------------------------------------------------------------------------
     def our_worker(self, engine: str, name: str, *extra: str,
@@ -180,6 +188,8 @@ class Deployment:
             "--model-path", str(model_path), "--served-model-name", name, *extra],
             {"DYN_LOG": "info", "PYTHONPATH": str(REPO)})
         p.wait_line("Serving ", START_TIMEOUT)
+        # "status server on http://127.0.0.1:PORT (...)": the worker's /metrics
+        p.status_url = p.wait_line("status server on ", 5).split(" on ", 1)[1].split()[0]
         return p
 
     def our_frontend(self, *extra: str, router_mode: str = "round_robin") -> tuple[Proc, str]:
@@ -194,6 +204,22 @@ class Deployment:
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+def _free_i16_port() -> int:
+    """A free port below 32768: Dynamo 1.6.1 parses ``DYN_SYSTEM_PORT`` as an i16."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 32768")
 
 
 def _http_ok(url: str, proc: Proc) -> Callable[[], bool]:
@@ -224,6 +250,36 @@ def wait_for_model(url: str, name: str, timeout: float = START_TIMEOUT) -> None:
     wait_until(lambda: name in models(url), timeout, f"model {name!r} at {url}")
 
 
+def generate_instances(url: str) -> set[int]:
+    """Instance ids of ``generate`` endpoints a Dynamo frontend's ``/health`` lists now."""
+    try:
+        body = httpx.get(url + "/health", timeout=5.0, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return set()
+    return {i["instance_id"] for i in body.get("instances", [])
+            if i.get("endpoint") == "generate"}
+
+
+def wait_for_instances(url: str, n: int, timeout: float = START_TIMEOUT) -> None:
+    """Until a Dynamo frontend knows ``n`` generate instances (a model is listed as soon as
+    the first worker of its pool is)."""
+    wait_until(lambda: len(generate_instances(url)) >= n, timeout,
+               f"{n} generate instances at {url}")
+
+
+def metric(proc: Proc, name: str) -> float:
+    """Sum of the samples of ``name`` (no label filter) on a worker's /metrics; 0 if none."""
+    try:
+        text = httpx.get(proc.status_url + "/metrics", timeout=5.0, trust_env=False).text
+    except httpx.HTTPError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     d = Deployment(tmp_path)
@@ -233,5 +289,5 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         d.close()
 
 
-__all__ = ["Deployment", "Proc", "deployment", "dynamo_python", "models", "wait_for_model",
-           "wait_until"]
+__all__ = ["Deployment", "Proc", "deployment", "dynamo_python", "generate_instances",
+           "metric", "models", "wait_for_instances", "wait_for_model", "wait_until"]

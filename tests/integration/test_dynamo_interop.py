@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from dynamo_real import Deployment, deployment, models, wait_for_model, wait_until
+from dynamo_real import (
+    Deployment,
+    deployment,
+    metric,
+    models,
+    wait_for_instances,
+    wait_for_model,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 _ = deployment  # the fixture, used by name below
@@ -126,10 +133,9 @@ def test_dynamo_kv_router_follows_our_mockers_kv_events(deployment: Deployment) 
     for _ in range(2):
         deployment.our_worker("mocker", "our-kv", "--", "--speedup-ratio", "1000",
                               "--block-size", "16")
-    wait_until(lambda: "our-kv" in models(url), 60, "model our-kv")
+    wait_for_model(url, "our-kv")
+    wait_for_instances(url, 2)  # both workers known before the first request
     c = client(url)
-    # Let both workers be known to the router before the first request.
-    time.sleep(0)
     cached = []
     for _ in range(5):
         r = c.chat.completions.create(model="our-kv", max_tokens=2,
@@ -144,43 +150,67 @@ def test_dynamo_kv_router_follows_our_mockers_kv_events(deployment: Deployment) 
 
 
 def test_sigterm_of_our_worker_under_dynamo_loses_no_request(deployment: Deployment) -> None:
-    _fe, url = deployment.dynamo_frontend()
-    victim = deployment.our_worker("mocker", "our-pool", "--", "--speedup-ratio", "20")
-    deployment.our_worker("mocker", "our-pool", "--", "--speedup-ratio", "20")
+    """A worker leaving under load: streams in flight on it at SIGTERM finish, requests keep
+    flowing (to the survivor) while it drains, and none fails.
+
+    Dynamo 1.6.1's frontend cancels a request whose response stream has not called home yet
+    when it sees the instance leave discovery, and without migration answers it 503 (Dynamo's
+    own mocker loses requests the same way). Our worker shrinks that window (it unregisters
+    only once every accepted request has called home), and ``--migration-limit``, the
+    frontend's remedy, re-routes what is left to the survivor."""
+    _fe, url = deployment.dynamo_frontend("--migration-limit", "3")
+    victim = deployment.our_worker("mocker", "our-pool", "--", "--speedup-ratio", "5")
+    survivor = deployment.our_worker("mocker", "our-pool", "--", "--speedup-ratio", "5")
     wait_for_model(url, "our-pool")
-    c = client(url)
-    started = threading.Event()
-    results: list[tuple[str, int]] = []
+    wait_for_instances(url, 2)
+    stop = threading.Event()
+    signalled = threading.Event()
+    results: list[tuple[bool, str, int]] = []  # (sent after SIGTERM, finish, tokens)
     errors: list[BaseException] = []
 
-    def one(i: int) -> None:
-        try:
-            cc = client(url)
-            n = 0
-            finish = ""
-            for ch in cc.chat.completions.create(
-                    model="our-pool", max_tokens=48, stream=True,
-                    messages=[{"role": "user", "content": f"{PROMPT} {i}"}]):
-                if ch.choices:
-                    started.set()
-                    if ch.choices[0].delta.content:
-                        n += 1
-                    finish = ch.choices[0].finish_reason or finish
-            results.append((finish, n))
-        except BaseException as exc:
-            errors.append(exc)
+    def loop(i: int) -> None:
+        cc = client(url)
+        while not stop.is_set():
+            after = signalled.is_set()
+            try:
+                n, finish = 0, ""
+                for ch in cc.chat.completions.create(
+                        model="our-pool", max_tokens=32, stream=True,
+                        messages=[{"role": "user", "content": f"{PROMPT} {i}"}]):
+                    if ch.choices:
+                        n += 1 if ch.choices[0].delta.content else 0
+                        finish = ch.choices[0].finish_reason or finish
+                results.append((after, finish, n))
+            except BaseException as exc:
+                errors.append(exc)
+                return
 
-    _ = c
-    with ThreadPoolExecutor(24) as pool:
-        futures = [pool.submit(one, i) for i in range(24)]
-        assert started.wait(30)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(loop, i) for i in range(16)]
+        # SIGTERM while the victim has streams in flight.
+        wait_until(lambda: metric(victim, "dynamo_component_inflight_requests") >= 2, 30,
+                   "streams in flight on the victim")
+        served_before = metric(victim, "dynamo_component_requests_total")
         victim.signal(signal.SIGTERM)
+        signalled.set()
+        victim.wait_line("shutdown stage unregister", 10)
+        after_unregister = metric(survivor, "dynamo_component_requests_total")
+        # Requests keep flowing to the survivor while the victim drains.
+        wait_until(lambda: metric(survivor, "dynamo_component_requests_total")
+                   >= after_unregister + 32, 60, "the survivor to take the load")
+        stop.set()
         for f in futures:
             f.result(timeout=120)
     assert victim.wait(60) == 0, victim.tail()
     assert not errors, errors[:3]
-    assert len(results) == 24
-    assert all(finish == "length" for finish, _n in results), results
+    assert served_before > 0
+    assert sum(1 for after, _f, _n in results if after) >= 32
+    bad = [r for r in results if r[1] != "length"]
+    assert not bad, bad[:5]
+    lines = victim.lines
+    order = [next(i for i, ln in enumerate(lines) if f"shutdown stage {st}" in ln)
+             for st in ("unregister", "router_grace", "inflight", "cleanup")]
+    assert order == sorted(order), victim.tail()
 
 
 def test_sigkill_of_our_worker_leaves_dynamos_view(deployment: Deployment) -> None:
@@ -262,18 +292,29 @@ def test_our_kv_router_follows_dynamos_mocker_events(deployment: Deployment) -> 
 
 @pytest.mark.parametrize("front", ["dynamo", "ours"])
 def test_mixed_pool_behind_either_frontend(deployment: Deployment, front: str) -> None:
-    deployment.dynamo_mocker("mixed", speedup=1000)
-    deployment.our_worker("mocker", "mixed", "--", "--speedup-ratio", "1000")
+    """One Dynamo mocker and one of ours serve one model: both take requests. Behind Dynamo's
+    frontend this needs equal card checksums (it rejects a worker whose card differs)."""
+    theirs = deployment.dynamo_mocker("mixed", speedup=1000, system_port=0)
+    ours = deployment.our_worker("mocker", "mixed", "--", "--speedup-ratio", "1000")
     if front == "dynamo":
-        _fe, url = deployment.dynamo_frontend()
+        fe, url = deployment.dynamo_frontend()
+        wait_for_model(url, "mixed")
+        wait_for_instances(url, 2)
     else:
-        _fe, url = deployment.our_frontend()
-    wait_for_model(url, "mixed")
+        fe, url = deployment.our_frontend()
+        wait_for_model(url, "mixed")
+        wait_until(lambda: metric(theirs, "dynamo_component_uptime_seconds") > 0, 30,
+                   "the Dynamo mocker's status server")
     c = client(url)
     for i in range(12):
         r = c.chat.completions.create(model="mixed", max_tokens=3,
                                       messages=[{"role": "user", "content": f"{PROMPT} {i}"}])
         assert r.usage is not None and r.usage.completion_tokens == 3
+    served = (metric(theirs, "dynamo_component_requests_total"),
+              metric(ours, "dynamo_component_requests_total"))
+    # Round robin over two workers: both served (a worker left out of the pool serves none).
+    assert min(served) >= 3, (served, fe.tail(20))
+    assert not any("Rejected incompatible" in ln for ln in fe.lines), fe.tail(20)
 
 
 def _metrics(url: str) -> str:

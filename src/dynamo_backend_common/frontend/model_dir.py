@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from tokenizers import Tokenizer
 
-__all__ = ["CHECKSUM_FILES", "ModelDir", "ModelDirError"]
+__all__ = ["CHECKSUM_FILES", "ModelDir", "ModelDirError", "model_context_length"]
 
 #: Files hashed into :attr:`ModelDir.checksum`, in this order (absent ones are skipped).
 CHECKSUM_FILES: Final = (
@@ -233,6 +233,14 @@ def _int_list(v: Any, where: Path, key: str) -> list[int]:
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise ModelDirError(f"{where}: {key} must be a token id or a list of them, got {v!r}")
     return list(items)
+
+
+def model_context_length(root: str | Path) -> int | None:
+    """The context length a model directory declares (``config.json``, else
+    ``tokenizer_config.json``'s ``model_max_length``); None when it declares none."""
+    root = Path(root)
+    return _context_length(_read_json(root / "config.json"),
+                           _read_json(root / "tokenizer_config.json"), root)
 
 
 def _context_length(

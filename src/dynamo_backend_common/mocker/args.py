@@ -38,8 +38,10 @@ class MockerArgs:
     max_tokens: int = 64
     #: Sampled token ids are in ``[0, vocab_size)``.
     vocab_size: int = 32000
-    #: Longest sequence (prompt + output); also capped by the KV capacity of one rank.
-    context_length: int = 8192
+    #: Longest sequence (prompt + output); always capped by the KV capacity of one rank. None:
+    #: that cap alone, and the card reports no context length (0), as Dynamo's mocker does, so
+    #: both mockers of one model share a pool behind Dynamo's frontend.
+    context_length: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     #: Per-token probability of an EOS stop (requests with ``eos_token_ids`` and no ignore_eos).
@@ -68,10 +70,11 @@ class MockerArgs:
             "max_num_batched_tokens",
             "dp_size",
             "vocab_size",
-            "context_length",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.context_length is not None and self.context_length <= 0:
+            problems.append("context_length must be positive")
         if self.max_tokens < 0:
             problems.append("max_tokens must be >= 0")
         if not self.model_name.strip():
@@ -105,7 +108,8 @@ class MockerArgs:
     @property
     def max_seq_len(self) -> int:
         """Longest sequence a rank can hold: the context length, capped by the KV capacity."""
-        return min(self.context_length, self.num_gpu_blocks * self.block_size)
+        capacity = self.num_gpu_blocks * self.block_size
+        return capacity if self.context_length is None else min(self.context_length, capacity)
 
     def cost_model(self) -> CostModel:
         return CostModel(
@@ -158,7 +162,8 @@ class MockerArgs:
         add("--vocab-size", type=int, default=d.vocab_size,
             help="sampled token ids are in [0, vocab-size)")
         add("--context-length", type=int, default=d.context_length,
-            help="longest prompt + output (also capped by num-gpu-blocks * block-size)")
+            help="longest prompt + output (always capped by num-gpu-blocks * block-size; "
+            "default: that cap alone, and no context length in the model card)")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
             default=d.enable_prefix_caching, help="reuse cached prefix blocks (and publish "
             "KV events)")

@@ -123,6 +123,10 @@ class CheckedFile(msgspec.Struct, kw_only=True):
     size: int | None = None
 
 
+#: Dynamo's ``WorkerType`` ordinals as its card checksum hashes them.
+_WORKER_TYPE_CODE: Final = {"prefill": 1, "decode": 2, "encode": 3, "aggregated": 4}
+
+
 class RuntimeConfig(msgspec.Struct, kw_only=True):
     """Scheduling hints (Dynamo's ``ModelRuntimeConfig``), every field written like Dynamo."""
 
@@ -156,6 +160,8 @@ class ModelDeploymentCard(msgspec.Struct, kw_only=True):
     prompt_formatter: dict[str, CheckedFile] | None = None
     chat_template_file: dict[str, CheckedFile] | None = None
     gen_config: dict[str, CheckedFile] | None = None
+    #: The model's own limit (``config.json``); counts when the runtime reports none.
+    architectural_max_context_length: int | None = None
     context_length: int = 0
     kv_cache_block_size: int = 16
     migration_limit: int = 0
@@ -167,6 +173,34 @@ class ModelDeploymentCard(msgspec.Struct, kw_only=True):
     runtime_config: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     #: Our extension: the engine's canonical model id (``EngineConfig.model``).
     model: str | None = None
+
+    def mdcsum(self) -> str:
+        """Dynamo 1.6.1's card checksum: workers registering one model under one endpoint
+        share a pool only when theirs are equal (its frontend rejects a later worker whose
+        checksum differs from the first). It covers the name, the source path, the files'
+        checksums (not their locations), the effective context length, the KV block size, the
+        worker type and ``needs``; not the runtime config's scheduling figures."""
+        from blake3 import blake3
+
+        h = blake3()
+        h.update(self.display_name.encode())
+        if self.source_path is not None:
+            h.update(self.source_path.encode())
+        for field_name, _, _ in MODEL_FILES:
+            for cf in (getattr(self, field_name) or {}).values():
+                h.update(cf.checksum.encode())
+        ctx = self.runtime_config.context_length
+        if ctx is None:
+            ctx = self.architectural_max_context_length or 0
+        h.update(ctx.to_bytes(4, "big"))
+        h.update(self.kv_cache_block_size.to_bytes(4, "big"))
+        h.update(bytes([_WORKER_TYPE_CODE.get(self.worker_type, 0)]))
+        h.update(len(self.needs).to_bytes(4, "big"))
+        for alt in self.needs:
+            alts = alt if isinstance(alt, list) else [alt]
+            h.update(len(alts).to_bytes(4, "big"))
+            h.update(bytes(_WORKER_TYPE_CODE.get(str(w).lower(), 0) for w in alts))
+        return h.hexdigest()
 
     def files(self) -> dict[str, CheckedFile]:
         """``{file name: CheckedFile}`` for every artifact the card names. A known variant keeps

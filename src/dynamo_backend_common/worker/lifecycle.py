@@ -76,6 +76,8 @@ log = logging.getLogger("dynamo_backend_common.worker")
 CONTROL_ENDPOINT = "engine_control"
 FORCE_EXIT_CODE = 70
 CLEANUP_FLOOR_S = 5.0
+# At most this long, shutdown waits for accepted requests to dial home before unregistering.
+UNREGISTER_DIAL_WAIT_S = 1.0
 
 
 class _State(enum.Enum):
@@ -299,7 +301,8 @@ class Worker:
             log.info("status server on http://%s:%d (/metrics /health /live)",
                      cfg.status_host, self._status.port)
         events_url = cfg.events or default_event_url(self._discovery)
-        self._events = open_event_plane(events_url, discovery=self._discovery)
+        self._events = open_event_plane(events_url, discovery=self._discovery,
+                                        endpoint=cfg.endpoint)
         await self._events.start()
 
     async def _setup_after_start(self, engine_cfg: EngineConfig, load_time: float) -> None:
@@ -538,6 +541,7 @@ class Worker:
                 slug=slugify(display_name),
                 model=engine_cfg.model,
                 source_path=os.path.abspath(cfg.model_path) if cfg.model_path else None,
+                architectural_max_context_length=self._model_context_length(),
                 context_length=engine_cfg.context_length or 0,
                 model_type=model_type,
                 worker_type=mode.value,
@@ -546,7 +550,9 @@ class Worker:
                 kv_cache_block_size=engine_cfg.kv_cache_block_size or 16,
                 migration_limit=cfg.migration_limit,
                 runtime_config=RuntimeConfig(
-                    context_length=engine_cfg.context_length,
+                    # 0 when the engine reports none, as Dynamo's workers write it: the value
+                    # enters the card checksum, so a pool mixing them must agree on it.
+                    context_length=engine_cfg.context_length or 0,
                     total_kv_blocks=engine_cfg.total_kv_blocks,
                     max_num_seqs=engine_cfg.max_num_seqs,
                     max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
@@ -562,6 +568,17 @@ class Worker:
         for field_name, group in files.items():
             setattr(card.card_json, field_name, group)
         return card
+
+    def _model_context_length(self) -> int | None:
+        if not self.config.model_path:
+            return None
+        from ..frontend.model_dir import ModelDirError, model_context_length
+
+        try:
+            return model_context_length(self.config.model_path)
+        except ModelDirError as exc:
+            log.warning("model directory: %s", exc)
+            return None
 
     async def _wait_for_shutdown(self) -> None:
         assert self._discovery is not None
@@ -726,6 +743,12 @@ class Worker:
 
     async def _unregister(self) -> None:
         assert self._discovery is not None
+        if isinstance(self._server, CallHomeServer) and self._registered_keys:
+            # A Dynamo frontend fails requests whose response stream is not yet connected when
+            # this instance leaves its view; let those connect first (bounded: new requests
+            # keep arriving until the keys are gone).
+            if not await self._server.wait_dialed(UNREGISTER_DIAL_WAIT_S):
+                log.warning("unregistering with requests still calling home")
         for key in reversed(self._registered_keys):
             await self._discovery.delete(key)
         self._registered_keys.clear()

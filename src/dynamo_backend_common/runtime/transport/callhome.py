@@ -329,7 +329,7 @@ class _Back(asyncio.Protocol):
 
 
 class _ServerStream:
-    __slots__ = ("back", "ctx", "done", "killed", "server", "task")
+    __slots__ = ("back", "ctx", "dialing", "done", "killed", "server", "task")
 
     def __init__(self, server: CallHomeServer, ctx: Context) -> None:
         self.server = server
@@ -338,6 +338,7 @@ class _ServerStream:
         self.back: _Back | None = None
         self.done = False
         self.killed = False
+        self.dialing = True
 
     def kill(self) -> None:
         self.killed = True
@@ -382,6 +383,11 @@ class CallHomeServer:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Streams acked but not yet dialled home: Dynamo's frontend cancels those (it drops the
+        # pending registrations) the moment it sees this instance leave discovery.
+        self._dialing = 0
+        self._dialed = asyncio.Event()
+        self._dialed.set()
 
     def add_endpoint(self, path: str, handler: Handler) -> None:
         self._handlers[path] = handler
@@ -402,6 +408,26 @@ class CallHomeServer:
     @property
     def inflight(self) -> int:
         return len(self._streams)
+
+    async def wait_dialed(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for a moment when every accepted request has its
+        response stream connected; False on timeout. Call it right before unregistering: a
+        Dynamo frontend fails the requests still waiting for their call-home connection when
+        the instance leaves discovery, and streams already connected run to the end."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._dialed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _dial_done(self, st: _ServerStream) -> None:
+        if not st.dialing:
+            return
+        st.dialing = False
+        self._dialing -= 1
+        if not self._dialing:
+            self._dialed.set()
 
     async def stop_accepting(self) -> None:
         """Refuse new connections; streams in flight go on."""
@@ -463,12 +489,15 @@ class CallHomeServer:
         st = _ServerStream(self, ctx)
         self._streams.add(st)
         self._idle.clear()
+        self._dialing += 1
+        self._dialed.clear()
         self.stats.streams += 1
         st.task = asyncio.get_running_loop().create_task(
             self._run(st, handler, info, control.payload_codec, body, headers))
         st.task.add_done_callback(lambda _t: self._forget(st))
 
     def _forget(self, st: _ServerStream) -> None:
+        self._dial_done(st)  # a task cancelled before it dialled
         self._streams.discard(st)
         if not self._streams:
             self._idle.set()
@@ -482,12 +511,14 @@ class CallHomeServer:
                 _, back = await loop.create_connection(lambda: _Back(st), host.strip("[]"),
                                                        int(port))
         except (OSError, TimeoutError, ValueError) as exc:
+            self._dial_done(st)
             self.stats.protocol_errors += 1
             log.warning("request %s: cannot call home to %s: %s", st.ctx.id, info.address, exc)
             return
         st.back = back
         back.write(twopart(msgspec.json.encode(_Handshake(info.subject, "response"))))
         back.write(twopart(_PROLOGUE_OK))
+        self._dial_done(st)
         json_codec = codec == "json"
         head, tail, final = ((_JSON_ITEM_HEAD, _JSON_ITEM_TAIL, _JSON_FINAL) if json_codec
                              else (_MP_ITEM_HEAD, _MP_ITEM_TAIL, _MP_FINAL))
