@@ -2,6 +2,7 @@
 
     python benchmarks/e2e.py [--workers 2] [--concurrency 1,64] [--requests 256]
                              [--max-tokens 64] [--delay-ms 0] [--plot benchmarks/e2e.png]
+                             [--request-plane tcp|mux|tcp,mux]
 
 Starts ``dynamo-backend run --engine echo --workers N --port 0`` (the echo engine at full
 speed, so every figure is serving overhead: HTTP parsing, chat template and tokenizer,
@@ -9,8 +10,13 @@ routing, the request plane, detokenization, SSE), then for each concurrency leve
 ``--requests`` streaming chat completions (``max_tokens`` tokens each, ``ignore_eos``) with
 that many in flight, with the load generator of ``dynamo-backend bench``
 (:mod:`dynamo_backend_common.bench`) in this process. Prints requests/s, output tokens/s,
-TTFT (request sent -> first content chunk) and ITL (gap between content chunks) p50 / p99, and
-saves the TTFT and ITL distributions as a PNG (``--plot``).
+TTFT (request sent -> first content chunk) and ITL (gap between content chunks) p50 / p99, the
+server's CPU per request (frontend process, worker processes; from ``/proc``), and saves the
+TTFT and ITL distributions as a PNG (``--plot``).
+
+``--request-plane`` picks the workers' request plane (``DYN_REQUEST_PLANE``): ``tcp``, Dynamo
+1.6.1's and the default, or ``mux``, ours; ``tcp,mux`` runs both, one server after the other,
+and prints the CPU-per-request ratio tcp / mux per level.
 
 The client shares the machine with the server: on a small machine the figures are a lower bound
 of what the server alone could do (``--workers`` competes for the same cores too).
@@ -33,11 +39,12 @@ from dynamo_backend_common.bench import Level, parse_levels, run_levels
 _URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 
 
-def start_server(workers: int, extra: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+def start_server(workers: int, extra: list[str],
+                 plane: str = "tcp") -> tuple[subprocess.Popen[str], str, str]:
     argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
             "--workers", str(workers), "--port", "0", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", DYN_REQUEST_PLANE=plane))
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
@@ -49,6 +56,39 @@ def start_server(workers: int, extra: list[str]) -> tuple[subprocess.Popen[str],
                              daemon=True).start()
             return proc, m.group(1), m.group(2)
     raise SystemExit("server did not start:\n" + "\n".join(lines))
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """``{pid: (ppid, cpu seconds)}`` of every process (Linux ``/proc``)."""
+    out: dict[int, tuple[int, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state ppid ... utime (11) stime (12), 0-based from state.
+        out[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of ``pid``, of all its descendants): the frontend and its workers."""
+    table = _proc_table()
+    kids: dict[int, list[int]] = {}
+    for p, (pp, _) in table.items():
+        kids.setdefault(pp, []).append(p)
+    total, todo = 0.0, list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        total += table[p][1]
+        todo += kids.get(p, [])
+    return table.get(pid, (0, 0.0))[1], total
 
 
 def plot(levels: list[Level], path: str, title: str) -> None:
@@ -92,33 +132,68 @@ def main() -> int:
     p.add_argument("--url", default=None,
                    help="benchmark a running server (URL ending in /v1) instead of starting one")
     p.add_argument("--model", default="tiny-model", help="model name with --url")
+    p.add_argument("--request-plane", default="tcp",
+                   help="the workers' request plane: tcp (Dynamo's, default), mux (ours), or "
+                   "tcp,mux to run both and compare")
     args = p.parse_args()
     levels = parse_levels(args.concurrency)
+    planes = [x.strip() for x in args.request_plane.split(",") if x.strip()]
+    if not planes or any(x not in ("tcp", "mux") for x in planes):
+        p.error("--request-plane takes tcp and/or mux")
 
-    proc = None
     if args.url:
-        url, model = args.url.rstrip("/"), args.model
+        results = run_levels(args.url.rstrip("/"), args.model, levels, args.requests,
+                             args.max_tokens)
+        cpu: dict[str, list[tuple[float, float]]] = {}
     else:
-        extra = ["--", "--delay-ms", str(args.delay_ms)] if args.delay_ms else []
-        proc, model, url = start_server(args.workers, extra)
-    try:
-        results = run_levels(url, model, levels, args.requests, args.max_tokens)
-        if args.plot:
-            plot(results, args.plot,
-                 f"e2e: echo engine ({args.delay_ms:g} ms/token), {args.workers} worker(s), "
-                 f"{args.max_tokens} tokens/request")
-            print(f"plot saved to {args.plot}")
-        ttft_all = [v for lvl in results for v in lvl.ttft]
-        if ttft_all:
-            print(f"(TTFT mean over all levels {statistics.mean(ttft_all) * 1e3:.2f} ms)")
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        results, cpu = [], {}
+        for plane in planes:
+            print(f"== request plane {plane}")
+            r, cpu[plane] = run_server(args, levels, plane)
+            results = results or r
+    if args.plot and results:
+        plot(results, args.plot,
+             f"e2e: echo engine ({args.delay_ms:g} ms/token), {args.workers} worker(s), "
+             f"{args.max_tokens} tokens/request")
+        print(f"plot saved to {args.plot}")
+    ttft_all = [v for lvl in results for v in lvl.ttft]
+    if ttft_all:
+        print(f"(TTFT mean over all levels {statistics.mean(ttft_all) * 1e3:.2f} ms)")
+    if "tcp" in cpu and "mux" in cpu:
+        for c, (ft, wt), (fm, wm) in zip(levels, cpu["tcp"], cpu["mux"], strict=True):
+            print(f"conc {c:>4}: CPU per request tcp / mux: workers {wt / wm:.2f}, "
+                  f"frontend {ft / fm:.2f}, total {(ft + wt) / (fm + wm):.2f}")
     return 0
+
+
+def run_server(args: argparse.Namespace, levels: list[int],
+               plane: str) -> tuple[list[Level], list[tuple[float, float]]]:
+    """One server on ``plane``: the levels' results and (frontend, workers) CPU ms/request."""
+    extra = ["--", "--delay-ms", str(args.delay_ms)] if args.delay_ms else []
+    proc, model, url = start_server(args.workers, extra, plane)
+    results, cpu = [], []
+    try:
+        run_levels(url, model, [1], 16, args.max_tokens, echo=False)  # warm-up
+        for i, c in enumerate(levels):
+            f0, w0 = server_cpu(proc.pid)
+            (lvl,) = run_levels(url, model, [c], args.requests, args.max_tokens,
+                                echo=i == 0)
+            if i:
+                print(lvl.row(), flush=True)
+            f1, w1 = server_cpu(proc.pid)
+            n = max(1, lvl.requests)
+            cpu.append(((f1 - f0) * 1e3 / n, (w1 - w0) * 1e3 / n))
+            results.append(lvl)
+        for c, (f, w) in zip(levels, cpu, strict=True):
+            print(f"conc {c:>4}: server CPU per request: frontend {f:.2f} ms, "
+                  f"workers {w:.2f} ms")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results, cpu
 
 
 if __name__ == "__main__":
