@@ -21,8 +21,8 @@ not in it; barely affected by other load):
   interleaved). Streamed with :class:`WorkerClient` (what our frontend uses), each chunk
   decoded to ``LLMEngineOutput`` here. Its µs/token is wall time per token with the work split
   over two processes (the worker encodes while the client decodes), so at high concurrency it
-  can come out below ``adapter``, which does both on one core. The ``x mux`` column is the
-  worker's CPU per token on ``tcp`` over that on ``mux``.
+  can come out below ``adapter``, which does both on one core. A last line per level gives
+  the worker's CPU per token on ``tcp`` over that on ``mux``.
 
 Then cancellation: a request waits in the engine; the client calls ``ctx.stop_generating()``
 and we measure, on the system-wide monotonic clock, when the engine's ``await ctx.stopped()``
@@ -211,7 +211,7 @@ async def bench(workers: dict[str, InstanceInfo], args: argparse.Namespace) -> N
         await rate(fn, 5000, 8, cpu)
 
     print(f"{'path':<11} {'streams':>7} {'tokens/s':>12} {'µs/token':>9} {'x direct':>9} "
-          f"{'cpu µs/token':>13} {'x direct':>9} {'x mux':>6}")
+          f"{'cpu µs/token':>13} {'x direct':>9}")
     for n in streams:
         base = base_cpu = 0.0
         cpu_of: dict[str, float] = {}
@@ -222,11 +222,8 @@ async def bench(workers: dict[str, InstanceInfo], args: argparse.Namespace) -> N
             cpu_of[label] = cpu_us
             base = base or best
             base_cpu = base_cpu or cpu_us
-            vs_mux = ""
-            if label == "worker tcp" and "worker mux" in cpu_of:
-                vs_mux = f"{cpu_us / cpu_of['worker mux']:>6.2f}"
             print(f"{label:<11} {n:>7} {best:>12,.0f} {1e6 / best:>9.2f} {base / best:>9.1f} "
-                  f"{cpu_us:>13.2f} {cpu_us / base_cpu:>9.1f} {vs_mux}")
+                  f"{cpu_us:>13.2f} {cpu_us / base_cpu:>9.1f}")
         if "worker tcp" in cpu_of and "worker mux" in cpu_of:
             print(f"{'':<11} {n:>7} worker CPU per token, tcp / mux: "
                   f"{cpu_of['worker tcp'] / cpu_of['worker mux']:.2f}")

@@ -35,6 +35,7 @@ from dynamo_backend_common.protocols.discovery import (
     model_key,
     slugify,
 )
+from dynamo_backend_common.runtime.discovery import parse_etcd_endpoints
 
 GOLDEN = Path(__file__).parent / "golden" / "dynamo-1.6.1" / "discovery"
 TINY = Path(__file__).resolve().parents[1] / "src/dynamo_backend_common/_data/tiny-model"
@@ -234,9 +235,13 @@ def test_dynamo_backend_names_map_to_urls(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("DYN_EVENT_PLANE_HOST", raising=False)
     assert discovery_url_for_backend("file") == "file://"
     assert discovery_url_for_backend("mem") == "memory://"
-    assert discovery_url_for_backend("etcd") == "http://localhost:2379"
-    monkeypatch.setenv("ETCD_ENDPOINTS", "http://10.0.0.1:2379,http://10.0.0.2:2379")
-    assert discovery_url_for_backend("etcd") == "http://10.0.0.1:2379,http://10.0.0.2:2379"
+    assert parse_etcd_endpoints(discovery_url_for_backend("etcd")) == ["http://localhost:2379"]
+    for value in ("http://10.0.0.1:2379,http://10.0.0.2:2379", "10.0.0.1:2379,10.0.0.2"):
+        monkeypatch.setenv("ETCD_ENDPOINTS", value)  # both spellings Dynamo users write
+        assert parse_etcd_endpoints(discovery_url_for_backend("etcd")) == [
+            "http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    monkeypatch.setenv("ETCD_ENDPOINTS", "https://e:2379")
+    assert parse_etcd_endpoints(discovery_url_for_backend("etcd")) == ["https://e:2379"]
     assert event_url_for_plane("zmq") == "zmq://"
     assert event_url_for_plane("nats") == "nats://localhost:4222"
     monkeypatch.setenv("NATS_SERVER", "nats://127.0.0.1:4333")

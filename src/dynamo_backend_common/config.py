@@ -229,7 +229,8 @@ def discovery_url_for_backend(backend: str) -> str:
     if name == "file":
         return "file://"
     if name == "etcd":
-        return os.environ.get("ETCD_ENDPOINTS", "").strip() or "http://localhost:2379"
+        # etcd://A,B takes items with or without http(s):// (ETCD_ENDPOINTS is written both ways).
+        return "etcd://" + (os.environ.get("ETCD_ENDPOINTS", "").strip() or "localhost:2379")
     if name in ("mem", "memory"):
         return "memory://"
     raise ValueError(f"unknown discovery backend {backend!r}; expected one of "

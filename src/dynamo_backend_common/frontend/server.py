@@ -4,7 +4,8 @@ Routes:
 
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: decode and validate the request,
   preprocess it with the model's :class:`ModelDir` (chat template, tokenizer; loaded once per
-  model from the worker's ``card.source_path``), route it to a worker through the
+  card checksum from the files the worker's card names, local or downloaded and verified by
+  :func:`.card_files.materialize`), route it to a worker through the
   :class:`EngineClient` (failover, migration), detokenize, apply stop strings, and answer with
   one JSON body or an SSE stream ending in ``data: [DONE]``.
 - ``GET /v1/models``: the models discovery currently shows (a model appears with its first worker
