@@ -236,9 +236,10 @@ def test_our_frontend_serves_dynamos_mocker(deployment: Deployment) -> None:
                                   messages=[{"role": "user", "content": PROMPT}])
     assert r.usage is not None and r.usage.completion_tokens == 6
     assert r.choices[0].finish_reason == "length"
-    text, usage = stream_chat(c, "dyn-mock", max_tokens=6)
+    _text, usage = stream_chat(c, "dyn-mock", max_tokens=6)
+    # The mocker samples random ids, which may decode to nothing (ids past the tokenizer's
+    # vocabulary, special tokens): the token count is what is certain.
     assert usage is not None and usage.completion_tokens == 6  # type: ignore[attr-defined]
-    assert text
     comp = c.completions.create(model="dyn-mock", prompt=PROMPT, max_tokens=3)
     assert comp.usage is not None and comp.usage.completion_tokens == 3
 
