@@ -39,6 +39,7 @@ from dynamo_backend_common.protocols.kv import (
 from dynamo_backend_common.router import KvIndexer
 from dynamo_backend_common.runtime.discovery import Discovery, open_discovery
 from dynamo_backend_common.runtime.events import (
+    EVENT_CHANNELS_PREFIX,
     EVENT_SOURCES_PREFIX,
     Subscription,
     ZmqEventPlane,
@@ -72,6 +73,16 @@ async def mocker_instance(disc: Discovery) -> int:
         await asyncio.sleep(0.1)
 
 
+async def mocker_channels(disc: Discovery) -> None:
+    """Until the mocker's kv-events channel and event source are in discovery (it writes them
+    a little after its instance and card; under load, visibly later)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (any("/topic/kv-events/" in k for k in await disc.get_prefix(EVENT_CHANNELS_PREFIX))
+               and await disc.get_prefix(EVENT_SOURCES_PREFIX)):
+        assert time.monotonic() < deadline, "no Dynamo kv-events channel or source record"
+        await asyncio.sleep(0.1)
+
+
 async def chat(http: httpx.AsyncClient, url: str, text: str, max_tokens: int = 4) -> httpx.Response:
     return await http.post(url + "/v1/chat/completions", json={
         "model": MODEL, "max_tokens": max_tokens,
@@ -94,10 +105,11 @@ async def test_our_plane_follows_a_dynamo_mocker(deployment: Deployment) -> None
         open_discovery(f"file://{deployment.kv}") as disc,
         httpx.AsyncClient(timeout=TIMEOUT, trust_env=False) as http,
     ):
+        worker_id = await mocker_instance(disc)
+        await mocker_channels(disc)
         plane = ZmqEventPlane(disc)
         await plane.start()
         try:
-            worker_id = await mocker_instance(disc)
             kv = plane.subscribe(kv_events_subject("dynamo", "backend"))
             load = plane.subscribe(kv_metrics_subject("dynamo", "backend"))
             await kv.ready()

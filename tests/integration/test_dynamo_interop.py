@@ -277,14 +277,20 @@ def test_our_kv_router_follows_dynamos_mocker_events(deployment: Deployment) -> 
         deployment.dynamo_mocker("dyn-kv", speedup=1000)
     _fe, url = deployment.our_frontend(router_mode="kv")
     wait_for_model(url, "dyn-kv")
+    wait_until(lambda: _health_workers(url, "dyn-kv") == 2, 60, "both mockers in our view")
     c = client(url)
     cached = []
-    for _ in range(5):
+    for i in range(5):
         r = c.chat.completions.create(model="dyn-kv", max_tokens=2,
                                       messages=[{"role": "user", "content": LONG_PROMPT}])
         assert r.usage is not None
         details = r.usage.prompt_tokens_details
         cached.append((details.cached_tokens or 0) if details is not None else 0)
+        if i == 0:
+            # The mocker's KV events travel apart from the response: wait until the prompt's
+            # blocks are in the router's index before routing the repeat.
+            wait_until(lambda: _gauge(url, "dynamo_frontend_router_indexed_blocks") >= 8, 15,
+                       "the first prompt's blocks in our router's index")
     assert all(x >= 16 * 8 for x in cached[1:]), cached
 
 
@@ -316,6 +322,25 @@ def test_mixed_pool_behind_either_frontend(deployment: Deployment, front: str) -
     # Round robin over two workers: both served (a worker left out of the pool serves none).
     assert min(served) >= 3, (served, fe.tail(20))
     assert not any("Rejected incompatible" in ln for ln in fe.lines), fe.tail(20)
+
+
+def _gauge(url: str, name: str) -> float:
+    """Sum of the samples of ``name`` on a frontend's /metrics (0 if none)."""
+    total = 0.0
+    for line in _metrics(url).splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _health_workers(url: str, model: str) -> int:
+    """How many workers our frontend's /health lists for ``model``."""
+    try:
+        body = httpx.get(url + "/health", timeout=5.0, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return 0
+    n = body.get("models", {}).get(model, 0)
+    return n if isinstance(n, int) else len(n)
 
 
 def _metrics(url: str) -> str:
