@@ -316,29 +316,6 @@ async def test_lease_keys_vanish_with_their_removed_lease(tmp_path: Path) -> Non
             await watch.aclose()
 
 
-async def test_lease_watch_sees_back_to_back_changes(tmp_path: Path) -> None:
-    # Many changes within one directory-mtime tick: the watch still ends on the last state.
-    async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as writer:
-        async with LeaseFileDiscovery(tmp_path, poll_interval=0.02) as reader:
-            watch = reader.watch_prefix("k")
-            await writer.put("k0", b"snap")
-            state: dict[str, bytes] = {}
-            for round_ in range(20):
-                await asyncio.sleep(0.1)  # past the mtime margin: the next change must be seen
-                for i in range(5):
-                    await writer.put(f"k{i}", f"{round_}".encode())
-                await writer.delete("k3")
-                want = {f"k{i}": f"{round_}".encode() for i in range(5) if i != 3}
-                while state != want:
-                    ev = await next_event(watch)
-                    if ev.kind == "put":
-                        assert ev.value is not None
-                        state[ev.key] = ev.value
-                    else:
-                        del state[ev.key]
-            await watch.aclose()
-
-
 async def test_lease_idle_watches_share_one_cheap_poller(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

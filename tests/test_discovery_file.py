@@ -416,20 +416,25 @@ async def test_watches_follow_new_buckets_and_removed_ones(tmp_path: Path) -> No
         await v1.aclose()
 
 
-async def test_back_to_back_changes_end_on_the_last_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("store", "prefix", "rounds"), [
+    (FileDiscovery, "v1/k/", 8), (LeaseFileDiscovery, "k", 20)])
+async def test_back_to_back_changes_end_on_the_last_state(
+        tmp_path: Path, store: type[FileDiscovery | LeaseFileDiscovery], prefix: str,
+        rounds: int) -> None:
+    # Many changes within one directory-mtime tick: the watch still ends on the last state.
     async with (
-        FileDiscovery(tmp_path, poll_interval=0.02) as writer,
-        FileDiscovery(tmp_path, poll_interval=0.02) as reader,
+        store(tmp_path, poll_interval=0.02) as writer,
+        store(tmp_path, poll_interval=0.02) as reader,
     ):
-        watch = reader.watch_prefix("v1/k/")
-        await writer.put("v1/k/0", b"snap")
+        watch = reader.watch_prefix(prefix)
+        await writer.put(f"{prefix}0", b"snap")
         state: dict[str, bytes] = {}
-        for round_ in range(8):
-            await asyncio.sleep(0.25)  # past the mtime margin: the next change must be seen
+        for round_ in range(rounds):
+            await asyncio.sleep(0.25 if store is FileDiscovery else 0.1)  # past the mtime margin
             for i in range(5):
-                await writer.put(f"v1/k/{i}", f"{round_}".encode())
-            await writer.delete("v1/k/3")
-            want = {f"v1/k/{i}": f"{round_}".encode() for i in range(5) if i != 3}
+                await writer.put(f"{prefix}{i}", f"{round_}".encode())
+            await writer.delete(f"{prefix}3")
+            want = {f"{prefix}{i}": f"{round_}".encode() for i in range(5) if i != 3}
             while state != want:
                 ev = await next_event(watch)
                 if ev.kind == "put":

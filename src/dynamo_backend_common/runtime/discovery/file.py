@@ -77,6 +77,7 @@ from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
+from ._polled import PolledWatches
 from .base import Discovery, DiscoveryError, DiscoveryEvent, random_instance_id
 
 __all__ = [
@@ -209,7 +210,7 @@ class _Owned:
         self.touched = touched  # time.monotonic() just before the last successful touch
 
 
-class FileDiscovery(Discovery):
+class FileDiscovery(PolledWatches, Discovery):
     """:class:`Discovery` in Dynamo's file-store layout (see the module docstring).
 
     ``root`` defaults to :func:`default_file_root`. ``poll_interval`` is the watch poll period
@@ -262,8 +263,7 @@ class FileDiscovery(Discovery):
         self._version = 0
         # Watches: one shared poller task, the prefixes it serves, and the waiting watches.
         self._interest: collections.Counter[str] = collections.Counter()
-        self._poller: asyncio.Task[None] | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._init_polled()
 
     # -- lease (keep-alive) -------------------------------------------------------------------
     async def start(self) -> None:
@@ -697,20 +697,12 @@ class FileDiscovery(Discovery):
             self._refresh([prefix], full=True)
             current = self._view(prefix)
             seen = self._version
-            if self._poller is None:
-                self._poller = asyncio.get_running_loop().create_task(
-                    self._poll_loop(), name=f"discovery-dynamo-file-poll-{self.root}"
-                )
+            self._ensure_poller(self._poll_loop, f"discovery-dynamo-file-poll-{self.root}")
             for key in sorted(current):
                 yield DiscoveryEvent("put", key, current[key].value)
             while not self._closing.is_set():
                 if self._version == seen:
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters.add(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        self._waiters.discard(waiter)
+                    await self._wait_change()
                     continue
                 seen = self._version
                 latest = self._view(prefix)
@@ -724,9 +716,8 @@ class FileDiscovery(Discovery):
             self._interest[prefix] -= 1
             if self._interest[prefix] <= 0:
                 del self._interest[prefix]
-            if not self._interest and self._poller is not None:
-                self._poller.cancel()
-                self._poller = None
+            if not self._interest:
+                self._drop_poller()
 
     async def _poll_loop(self) -> None:
         """One poller per object, shared by all its watches: they wake only on a change."""
@@ -735,14 +726,7 @@ class FileDiscovery(Discovery):
             try:
                 self._refresh(list(self._interest))
             except Exception as exc:  # a bug: surface it in the watches, do not spin silently
-                for waiter in self._waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-
-    def _wake_all(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+                self._fail_all(exc)
 
     # -- shutdown -----------------------------------------------------------------------------
     async def close(self) -> None:
@@ -751,11 +735,7 @@ class FileDiscovery(Discovery):
         self._closed = True
         self._closing.set()
         self._wake_all()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._stop_poller()
         if self._keepalive is not None:
             self._stop_keepalive.set()
             await asyncio.to_thread(self._keepalive.join)

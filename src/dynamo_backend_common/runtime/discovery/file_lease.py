@@ -64,6 +64,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from ._polled import PolledWatches
 from .base import Discovery, DiscoveryEvent, random_instance_id
 from .file import default_file_root
 
@@ -195,7 +196,7 @@ _header_decoder = msgspec.json.Decoder(_Header)
 _lease_decoder = msgspec.json.Decoder(_LeaseInfo)
 
 
-class LeaseFileDiscovery(Discovery):
+class LeaseFileDiscovery(PolledWatches, Discovery):
     """:class:`Discovery` in a shared directory (see the module docstring for the format).
 
     ``root`` defaults to :func:`default_file_root`; it is created on :meth:`start` or first
@@ -228,8 +229,7 @@ class LeaseFileDiscovery(Discovery):
         self._version = 0
         # Watches: one shared poller task, and the futures of the watches waiting on a change.
         self._watchers = 0
-        self._poller: asyncio.Task[None] | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._init_polled()
         self._host = socket.gethostname()
         self._pidns = _pid_namespace()
         self._stop_keepalive = threading.Event()
@@ -539,21 +539,13 @@ class LeaseFileDiscovery(Discovery):
         current = self._scan(prefix)
         seen = self._version
         self._watchers += 1
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(
-                self._poll_loop(), name=f"discovery-file-poll-{self.root}"
-            )
+        self._ensure_poller(self._poll_loop, f"discovery-file-poll-{self.root}")
         try:
             for key in sorted(current):
                 yield DiscoveryEvent("put", key, current[key].value)
             while not self._closing.is_set():
                 if self._version == seen:
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters.add(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        self._waiters.discard(waiter)
+                    await self._wait_change()
                     continue
                 seen = self._version
                 latest = {k: r for k, r in self._live.items() if k.startswith(prefix)}
@@ -566,9 +558,8 @@ class LeaseFileDiscovery(Discovery):
                 current = latest
         finally:
             self._watchers -= 1
-            if self._watchers == 0 and self._poller is not None:
-                self._poller.cancel()
-                self._poller = None
+            if self._watchers == 0:
+                self._drop_poller()
 
     async def _poll_loop(self) -> None:
         """One poller per object, shared by all its watches: they wake only on a change."""
@@ -577,14 +568,7 @@ class LeaseFileDiscovery(Discovery):
             try:
                 self._refresh()
             except Exception as exc:  # e.g. the directory became unreadable
-                for waiter in self._waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-
-    def _wake_all(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+                self._fail_all(exc)
 
     async def close(self) -> None:
         if self._closed:
@@ -592,11 +576,7 @@ class LeaseFileDiscovery(Discovery):
         self._closed = True
         self._closing.set()
         self._wake_all()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._stop_poller()
         for owner in list(self._leases):
             self._untrack_lease(owner)
         if self._keepalive is not None:
