@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py [--workers 2] [--concurrency 1,64] [--requests 256]
                              [--max-tokens 64] [--delay-ms 0] [--plot benchmarks/e2e.png]
-                             [--request-plane tcp|mux|tcp,mux]
+                             [--request-plane tcp,tcp-only,mux]
 
 Starts ``dynamo-backend run --engine echo --workers N --port 0`` (the echo engine at full
 speed, so every figure is serving overhead: HTTP parsing, chat template and tokenizer,
@@ -14,9 +14,11 @@ TTFT (request sent -> first content chunk) and ITL (gap between content chunks) 
 server's CPU per request (frontend process, worker processes; from ``/proc``), and saves the
 TTFT and ITL distributions as a PNG (``--plot``).
 
-``--request-plane`` picks the workers' request plane (``DYN_REQUEST_PLANE``): ``tcp``, Dynamo
-1.6.1's and the default, or ``mux``, ours; ``tcp,mux`` runs both, one server after the other,
-and prints the CPU-per-request ratio tcp / mux per level.
+``--request-plane`` picks the workers' request plane: ``tcp`` (the default: Dynamo 1.6.1's plane
+plus our multiplexed fast path on a second port, which our frontend takes), ``tcp-only``
+(``DYN_MUX_FASTPATH=0``: the path a Dynamo frontend takes, one connection per request) or
+``mux`` (ours alone). A comma list runs each, one server after the other, and prints every
+plane's CPU per request over the first one's.
 
 The client shares the machine with the server: on a small machine the figures are a lower bound
 of what the server alone could do (``--workers`` competes for the same cores too).
@@ -39,12 +41,17 @@ from dynamo_backend_common.bench import Level, parse_levels, run_levels
 _URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 
 
+_PLANE_ENV = {"tcp": {"DYN_REQUEST_PLANE": "tcp", "DYN_MUX_FASTPATH": "1"},
+              "tcp-only": {"DYN_REQUEST_PLANE": "tcp", "DYN_MUX_FASTPATH": "0"},
+              "mux": {"DYN_REQUEST_PLANE": "mux"}}
+
+
 def start_server(workers: int, extra: list[str],
                  plane: str = "tcp") -> tuple[subprocess.Popen[str], str, str]:
     argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
             "--workers", str(workers), "--port", "0", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", DYN_REQUEST_PLANE=plane))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **_PLANE_ENV[plane]))
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
@@ -133,13 +140,14 @@ def main() -> int:
                    help="benchmark a running server (URL ending in /v1) instead of starting one")
     p.add_argument("--model", default="tiny-model", help="model name with --url")
     p.add_argument("--request-plane", default="tcp",
-                   help="the workers' request plane: tcp (Dynamo's, default), mux (ours), or "
-                   "tcp,mux to run both and compare")
+                   help="the workers' request plane: tcp (Dynamo's plus our fast path, the "
+                   "default), tcp-only (what a Dynamo frontend uses), mux (ours), or a comma "
+                   "list to run each and compare")
     args = p.parse_args()
     levels = parse_levels(args.concurrency)
     planes = [x.strip() for x in args.request_plane.split(",") if x.strip()]
-    if not planes or any(x not in ("tcp", "mux") for x in planes):
-        p.error("--request-plane takes tcp and/or mux")
+    if not planes or any(x not in _PLANE_ENV for x in planes):
+        p.error("--request-plane takes tcp, tcp-only and/or mux")
 
     if args.url:
         results = run_levels(args.url.rstrip("/"), args.model, levels, args.requests,
@@ -159,10 +167,12 @@ def main() -> int:
     ttft_all = [v for lvl in results for v in lvl.ttft]
     if ttft_all:
         print(f"(TTFT mean over all levels {statistics.mean(ttft_all) * 1e3:.2f} ms)")
-    if "tcp" in cpu and "mux" in cpu:
-        for c, (ft, wt), (fm, wm) in zip(levels, cpu["tcp"], cpu["mux"], strict=True):
-            print(f"conc {c:>4}: CPU per request tcp / mux: workers {wt / wm:.2f}, "
-                  f"frontend {ft / fm:.2f}, total {(ft + wt) / (fm + wm):.2f}")
+    first = planes[0]
+    for plane in planes[1:]:
+        if plane in cpu and first in cpu:
+            for c, (fp, wp), (f0, w0) in zip(levels, cpu[plane], cpu[first], strict=True):
+                print(f"conc {c:>4}: CPU per request {plane} / {first}: workers {wp / w0:.2f}, "
+                      f"frontend {fp / f0:.2f}, total {(fp + wp) / (f0 + w0):.2f}")
     return 0
 
 

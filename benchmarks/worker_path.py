@@ -16,9 +16,10 @@ not in it; barely affected by other load):
 - ``adapter``: the worker's :class:`EngineAdapter` (admission, cancellation monitor, stream
   validator, metrics, first-token timing) plus msgpack encoding of every chunk, in-process;
 - ``worker tcp`` / ``worker mux``: a real :class:`Worker` in another process per request
-  plane (``--request-plane``): ``tcp`` is Dynamo 1.6.1's (the default: request frames, a
-  call-home connection per request), ``mux`` our multiplexed one (one connection, streams
-  interleaved). Streamed with :class:`WorkerClient` (what our frontend uses), each chunk
+  plane (``--request-plane``): ``tcp`` is Dynamo 1.6.1's as a Dynamo frontend uses it (request
+  frames, a call-home connection per request; the worker's mux fast path, which our frontend
+  would take, is off), ``mux`` our multiplexed one (one connection, streams interleaved).
+  Streamed with :class:`WorkerClient` (what our frontend uses), each chunk
   decoded to ``LLMEngineOutput`` here. Its µs/token is wall time per token with the work split
   over two processes (the worker encodes while the client decodes), so at high concurrency it
   can come out below ``adapter``, which does both on one core. A last line per level gives
@@ -118,9 +119,11 @@ def serve(loop_kind: str, validate: bool, plane: str, conn: Any) -> None:
 
     async def main() -> None:
         bus = uuid.uuid4().hex
+        # tcp alone (no mux fast path): the path a Dynamo frontend takes.
         worker = Worker(ZeroCostEngine(), WorkerConfig(
             discovery=f"memory://{bus}", events=f"memory://{bus}", status_port=None,
-            request_plane=plane, shutdown=ShutdownConfig(router_grace_secs=0, total_secs=5)))
+            request_plane=plane, mux_fastpath=False,
+            shutdown=ShutdownConfig(router_grace_secs=0, total_secs=5)))
         task = asyncio.create_task(worker.run())
         await worker.ready.wait()
         assert worker.instance_info is not None

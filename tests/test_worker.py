@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,6 +48,9 @@ def config(**overrides: Any) -> WorkerConfig:
         "status_port": 0,
         "health_check_interval_secs": 3600.0,
         "shutdown": ShutdownConfig(total_secs=10, router_grace_secs=0),
+        # Dynamo's plane alone, so these tests drive the path a Dynamo frontend takes (the
+        # fast path our frontends take has its own test).
+        "mux_fastpath": False,
     }
     values.update(overrides)
     return WorkerConfig(**values)
@@ -597,3 +601,36 @@ async def test_card_names_model_files_served_by_the_status_server(tmp_path: Path
         local = await asyncio.to_thread(materialize, card.card_json, tmp_path / "cache")
         assert (local / "tokenizer_config.json").read_bytes() == (
             tiny / "tokenizer_config.json").read_bytes()
+
+
+# -- the mux fast path beside Dynamo's plane ----------------------------------------------------
+
+
+async def test_tcp_worker_also_serves_the_mux_fast_path_our_clients_prefer() -> None:
+    from dynamo_backend_common.runtime.transport.callhome import CallHomeServer
+
+    async with serving(LifecycleEngine(), config(mux_fastpath=True)) as worker:
+        info = info_of(worker)
+        assert "tcp" in info.transport and info.mux is not None
+        host_port, _, name = info.mux.partition("/")
+        assert name == "generate" and host_port != info.address
+        # What a Dynamo frontend reads is unchanged: the extension is one more field.
+        assert msgspec.json.decode(msgspec.json.encode(info))["mux"] == info.mux
+        tcp_server = worker._server
+        assert isinstance(tcp_server, CallHomeServer)
+        async with WorkerClient() as fast, WorkerClient(prefer_mux=False) as dynamo_way:
+            got_fast = await collect(fast, worker, req(4))
+            assert tcp_server.stats.streams == 0  # went over the mux plane
+            got_tcp = await collect(dynamo_way, worker, req(4))
+            assert tcp_server.stats.streams == 1
+            assert [c.token_ids for c in got_fast] == [c.token_ids for c in got_tcp]
+            assert got_fast[-1].finish_reason == got_tcp[-1].finish_reason == FinishReason.LENGTH
+            # Engine control is served on the fast path too.
+            with pytest.raises(DynamoError) as err:
+                await fast.call(info, to_msgpack({"control": "reboot"}),
+                                endpoint=CONTROL_ENDPOINT)
+            assert err.value.kind is BackendError.InvalidArgument
+            assert tcp_server.stats.streams == 1
+    # Without the fast path the record has no mux field.
+    async with serving(LifecycleEngine(), config(mux_fastpath=False)) as worker:
+        assert info_of(worker).mux is None

@@ -149,6 +149,10 @@ class WorkerConfig:
     #: Dynamo frontend can call this worker) or ``"mux"`` (our private multiplexed protocol,
     #: understood by our frontend only).
     request_plane: str = "tcp"
+    #: With ``request_plane="tcp"``, also serve our multiplexed plane on a second port and
+    #: advertise it in the instance record's ``mux`` field: our frontends take it (one shared
+    #: connection instead of one per request), Dynamo's ignore it.
+    mux_fastpath: bool = True
     #: Request-plane bind host/port (port 0 = ephemeral) and the host advertised to frontends.
     host: str = "127.0.0.1"
     port: int = 0
@@ -198,6 +202,7 @@ class WorkerConfig:
             discovery=resolve_discovery(args.discovery, args.discovery_backend),
             events=resolve_events(args.events, args.event_plane),
             request_plane=args.request_plane,
+            mux_fastpath=args.mux_fastpath,
             host=args.host,
             port=args.port,
             advertise_host=args.advertise_host or None,
@@ -438,6 +443,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--migration-limit", type=int, default=_env_int("DYN_MIGRATION_LIMIT", 3),
                    help="times a frontend may move a broken stream to another worker "
                         "[DYN_MIGRATION_LIMIT] (default: %(default)s)")
+    g.add_argument("--mux-fastpath", type=_bool, default=_env_bool("DYN_MUX_FASTPATH", True),
+                   metavar="BOOL",
+                   help="with --request-plane tcp, also serve our multiplexed plane for our "
+                        "frontends (Dynamo's use tcp) [DYN_MUX_FASTPATH] (default: %(default)s)")
     g.add_argument("--enable-kv-routing", type=_bool,
                    default=_env_bool("DYN_ENABLE_KV_ROUTING", True), metavar="BOOL",
                    help="publish KV events and load snapshots [DYN_ENABLE_KV_ROUTING] "

@@ -97,6 +97,9 @@ class InstanceInfo(
     request_plane_codec: str | None = None
     #: Our extension: base URL of the worker's status server (``/metrics``, ``/health``).
     status_url: str | None = None
+    #: Our extension: ``host:port/endpoint`` of the same endpoint on our multiplexed plane,
+    #: beside Dynamo's ``tcp`` transport (Dynamo's frontend ignores it; ours prefers it).
+    mux: str | None = None
 
     @property
     def protocol(self) -> str:

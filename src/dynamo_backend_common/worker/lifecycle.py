@@ -112,6 +112,7 @@ class Worker:
         self._discovery: Discovery | None = None
         self._events: EventPlane | None = None
         self._server: RequestPlaneServer | CallHomeServer | None = None
+        self._mux_server: RequestPlaneServer | None = None  # the fast path beside tcp
         self._status: StatusServer | None = None
         self._metrics: WorkerMetrics | None = None
         self._adapter: EngineAdapter | None = None
@@ -290,6 +291,11 @@ class Worker:
             self._server.add_endpoint(
                 endpoint_path(self.worker_id, cfg.namespace, cfg.component, CONTROL_ENDPOINT),
                 self._control_handler)
+            if cfg.mux_fastpath:
+                self._mux_server = RequestPlaneServer(cfg.host, 0)
+                self._mux_server.add_endpoint(cfg.endpoint, self._adapter.handle)
+                self._mux_server.add_endpoint(CONTROL_ENDPOINT, self._control_handler)
+                await self._mux_server.start()
         await self._server.start()
         if cfg.status_port is not None:
             self._status = StatusServer(
@@ -493,6 +499,8 @@ class Worker:
                        if cfg.request_plane == "tcp" else
                        {"mux": f"{advertise}:{port}/{cfg.endpoint}"}),
             request_plane_codec="msgpack",
+            mux=(f"{advertise}:{self._mux_server.address.rpartition(':')[2]}/{cfg.endpoint}"
+                 if self._mux_server is not None else None),
             status_url=(f"http://{_reachable_host(cfg.status_host, cfg.advertise_host)}:"
                         f"{self._status.port}"
                         if self._status is not None else None),
@@ -827,6 +835,8 @@ class Worker:
             await _quietly(relay.close())
         if self._server is not None:
             await _quietly(self._server.close(timeout=1.0))
+        if self._mux_server is not None:
+            await _quietly(self._mux_server.close(timeout=1.0))
         if self._events is not None:
             await _quietly(self._events.close())
         if self._status is not None:

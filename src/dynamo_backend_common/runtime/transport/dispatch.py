@@ -4,7 +4,9 @@ A worker's :class:`~dynamo_backend_common.protocols.discovery.InstanceInfo` name
 ``transport``: ``{"tcp": "host:port/{id:x}/{ns}/{comp}/{ep}"}`` is Dynamo's TCP request plane
 (:mod:`.callhome`; the body codec is ``request_plane_codec``, JSON when absent, as Dynamo's
 frontend does it) and ``{"mux": "host:port/{ep}"}`` our private multiplexed protocol
-(:mod:`.client`). :class:`WorkerClient` picks the right one per request.
+(:mod:`.client`). Our workers serving Dynamo's plane also serve ours on a second port and say
+so in the record's ``mux`` field; :class:`WorkerClient` takes that fast path when it is there
+(``prefer_mux``), else the advertised transport.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ __all__ = ["WorkerClient"]
 class WorkerClient:
     """``stream`` / ``call`` a worker by its instance record (see the module docstring)."""
 
-    def __init__(self, *, callback_timeout: float | None = None) -> None:
+    def __init__(self, *, callback_timeout: float | None = None,
+                 prefer_mux: bool = True) -> None:
         self.tcp = (CallHomeClient() if callback_timeout is None
                     else CallHomeClient(callback_timeout=callback_timeout))
         self._mux: RequestPlaneClient | None = None
+        #: Take a worker's ``mux`` fast path when its record has one (else its transport).
+        self.prefer_mux = prefer_mux
 
     @property
     def mux(self) -> RequestPlaneClient:
@@ -45,6 +50,9 @@ class WorkerClient:
     ) -> AsyncGenerator[bytes, None]:
         """Send msgpack ``payload`` to the worker's serving endpoint (or to ``endpoint`` of the
         same component, e.g. its engine-control endpoint); iterate msgpack items."""
+        if info.mux and self.prefer_mux:
+            address, _, name = info.mux.partition("/")
+            return self.mux.stream(address, endpoint or name, payload, ctx, headers)
         proto = info.protocol
         if proto == "tcp":
             path = info.path
