@@ -265,8 +265,7 @@ async def send_direct(client: EngineClient, instance_id: int, tokens: list[int])
     # Several steps, so the worker's load changes and it publishes a snapshot at once (a
     # one-step request starts and ends at zero blocks in use: only the heartbeat would tell).
     request = PreprocessedRequest(token_ids=tokens, stop_conditions=StopConditions(max_tokens=4))
-    stream = client.transport.stream(worker.address, worker.endpoint, to_msgpack(request),
-                                     Context())
+    stream = client.transport.stream(worker.info, to_msgpack(request), Context())
     try:
         async for _ in stream:
             pass
