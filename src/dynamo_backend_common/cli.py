@@ -59,8 +59,15 @@ def load_engine_class(spec: str) -> type[LLMEngine]:
     except (ImportError, OSError) as exc:
         raise SystemExit(f"cannot import engine module {module_name!r}: {exc}") from None
     cls = getattr(module, attr, None)
+    if cls is None:
+        found = sorted(n for n, v in vars(module).items()
+                       if inspect.isclass(v) and issubclass(v, LLMEngine) and v is not LLMEngine
+                       and v.__module__ == module.__name__)
+        raise SystemExit(f"no {attr!r} in {module_name!r}; LLMEngine subclasses defined there: "
+                         f"{', '.join(found) or 'none'}")
     if not (inspect.isclass(cls) and issubclass(cls, LLMEngine)):
-        raise SystemExit(f"{target!r} is not an LLMEngine subclass")
+        what = f"class {cls.__name__}" if inspect.isclass(cls) else type(cls).__name__
+        raise SystemExit(f"{target!r} is a {what}, not an LLMEngine subclass")
     return cls
 
 
@@ -96,7 +103,10 @@ def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
 
     cls = load_engine_class(args.engine)
     factory = engine_factory(cls, rest)
-    config = WorkerConfig.from_args(args)
+    try:
+        config = WorkerConfig.from_args(args)
+    except ValueError as exc:  # a bad flag value: one line, not a traceback
+        raise SystemExit(f"dynamo-backend worker: {exc}") from None
     if config.model_path:
         # Engines that load weights find the worker's --model-path here (from_args defaults).
         os.environ["DYN_MODEL_PATH"] = config.model_path

@@ -185,6 +185,9 @@ class WorkerConfig:
         if self.request_plane not in REQUEST_PLANES:
             problems.append(f"request_plane must be one of {', '.join(REQUEST_PLANES)}: "
                             f"{self.request_plane!r}")
+        if self.model_path and not os.path.isdir(self.model_path):
+            problems.append(f"model_path {self.model_path!r} is not a directory (a Hugging Face "
+                            "model directory: tokenizer.json, config.json, ...)")
         if problems:
             raise ValueError("invalid WorkerConfig: " + "; ".join(problems))
 
