@@ -61,3 +61,53 @@ def test_a_bad_flag_value_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "dynamo-backend worker: invalid WorkerConfig: port out of range: 99999")
+
+
+def test_engine_shapes_that_would_fail_on_first_call_are_rejected_at_start(
+        tmp_path: Path) -> None:
+    f = tmp_path / "shapes.py"
+    f.write_text(
+        "from dynamo_backend_common import EngineConfig, LLMEngine, chunk\n"
+        "class SyncStart(LLMEngine):\n"
+        "    def start(self, worker_id):\n"
+        "        return EngineConfig(model='m')\n"
+        "    async def generate(self, request, ctx):\n"
+        "        yield chunk.token(1, finish_reason='length')\n"
+        "    async def cleanup(self):\n"
+        "        pass\n"
+        "class ReturningGenerate(LLMEngine):\n"
+        "    async def start(self, worker_id):\n"
+        "        return EngineConfig(model='m')\n"
+        "    async def generate(self, request, ctx):\n"
+        "        return [chunk.token(1, finish_reason='length')]\n"
+        "    async def cleanup(self):\n"
+        "        pass\n")
+    r = cli("worker", "--engine", f"{f}:SyncStart", env={"DYN_FILE_KV": str(tmp_path / "kv")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "SyncStart.start must be a coroutine: write "
+        "`async def start(self, worker_id: int) -> EngineConfig:`")
+    r = cli("worker", "--engine", f"{f}:ReturningGenerate",
+            env={"DYN_FILE_KV": str(tmp_path / "kv")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "ReturningGenerate.generate is an `async def` without `yield`" in r.stderr
+    assert "`yield` each LLMEngineOutput chunk" in r.stderr
+
+
+def test_worker_from_python_rejects_the_same_shapes() -> None:
+    from dynamo_backend_common import EngineConfig, LLMEngine
+    from dynamo_backend_common.worker import Worker
+
+    class PlainCleanup(LLMEngine):
+        async def start(self, worker_id: int) -> EngineConfig:
+            return EngineConfig(model="m")
+
+        def generate(self, request, ctx):  # type: ignore[no-untyped-def]
+            raise AssertionError("never called")
+
+        def cleanup(self) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TypeError, match=r"PlainCleanup.cleanup must be a coroutine: write "
+                                        r"`async def cleanup\(self\) -> None:`"):
+        Worker(PlainCleanup())

@@ -68,6 +68,12 @@ def load_engine_class(spec: str) -> type[LLMEngine]:
     if not (inspect.isclass(cls) and issubclass(cls, LLMEngine)):
         what = f"class {cls.__name__}" if inspect.isclass(cls) else type(cls).__name__
         raise SystemExit(f"{target!r} is a {what}, not an LLMEngine subclass")
+    from .worker.lifecycle import check_engine_methods
+
+    try:
+        check_engine_methods(cls)
+    except TypeError as exc:
+        raise SystemExit(str(exc)) from None
     return cls
 
 

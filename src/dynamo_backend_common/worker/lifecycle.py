@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import math
 import os
@@ -92,10 +93,43 @@ class ControlRequest(msgspec.Struct):
     body: Any = None
 
 
+_ASYNC_METHODS = {
+    "start": "async def start(self, worker_id: int) -> EngineConfig:",
+    "cleanup": "async def cleanup(self) -> None:",
+    "abort": "async def abort(self, ctx: Context) -> None:",
+    "drain": "async def drain(self) -> None:",
+}
+
+
+def check_engine_methods(engine: LLMEngine | type[LLMEngine]) -> None:
+    """Reject, before anything starts, the engine shapes that would fail on the first call:
+    a plain ``def`` where the contract awaits (``start``, ``cleanup``, ``abort``, ``drain``), and
+    a ``generate`` written as an ``async def`` without ``yield`` (a coroutine, not an async
+    iterator). Takes an engine or its class; raises ``TypeError`` saying what to write."""
+    cls = engine if isinstance(engine, type) else type(engine)
+    if not issubclass(cls, LLMEngine):
+        raise TypeError(f"{cls.__name__} is not an LLMEngine (subclass "
+                        "dynamo_backend_common.LLMEngine)")
+    name = cls.__name__
+    problems = []
+    for method, signature in _ASYNC_METHODS.items():
+        fn = getattr(cls, method, None)
+        if fn is not None and not inspect.iscoroutinefunction(fn):
+            problems.append(f"{name}.{method} must be a coroutine: write `{signature}`")
+    gen = getattr(cls, "generate", None)
+    if gen is not None and inspect.iscoroutinefunction(gen):
+        problems.append(f"{name}.generate is an `async def` without `yield`, so it returns one "
+                        "coroutine instead of streaming: write `async def generate(self, "
+                        "request, ctx):` and `yield` each LLMEngineOutput chunk")
+    if problems:
+        raise TypeError("; ".join(problems))
+
+
 class Worker:
     """Serves one engine. Single-shot: call :meth:`run` once."""
 
     def __init__(self, engine: LLMEngine, config: WorkerConfig | None = None) -> None:
+        check_engine_methods(engine)
         self.engine = engine
         self.config = config or WorkerConfig()
         self.config.validate()
@@ -904,4 +938,4 @@ def run(
     return run_coroutine(main(), use_uvloop=install_uvloop)
 
 
-__all__ = ["CONTROL_ENDPOINT", "Worker", "run"]
+__all__ = ["CONTROL_ENDPOINT", "Worker", "check_engine_methods", "run"]
