@@ -17,6 +17,7 @@ failing instead under ``DYN_TEST_REQUIRE_DYNAMO=1``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -74,11 +75,16 @@ async def mocker_instance(disc: Discovery) -> int:
 
 
 async def mocker_channels(disc: Discovery) -> None:
-    """Until the mocker's kv-events channel and event source are in discovery (it writes them
-    a little after its instance and card; under load, visibly later)."""
+    """Until the mocker's kv-events and kv_metrics channels and its event source are in
+    discovery (it writes them a little after its instance and card; under load, visibly
+    later)."""
     deadline = time.monotonic() + TIMEOUT
-    while not (any("/topic/kv-events/" in k for k in await disc.get_prefix(EVENT_CHANNELS_PREFIX))
-               and await disc.get_prefix(EVENT_SOURCES_PREFIX)):
+    while True:
+        channels = await disc.get_prefix(EVENT_CHANNELS_PREFIX)
+        if (any("/topic/kv-events/" in k for k in channels)
+                and any("/topic/kv_metrics/" in k for k in channels)
+                and await disc.get_prefix(EVENT_SOURCES_PREFIX)):
+            return
         assert time.monotonic() < deadline, "no Dynamo kv-events channel or source record"
         await asyncio.sleep(0.1)
 
@@ -123,13 +129,22 @@ async def test_our_plane_follows_a_dynamo_mocker(deployment: Deployment) -> None
 
             batches: list[tuple[list[RouterEvent], int]] = []
             loads: list[LoadSnapshot] = []
-            for i in range(3):
-                r = await chat(http, url, f"trial {i} {LONG}")
-                assert r.status_code == 200, r.text
             stored = lambda: sum(  # noqa: E731
                 isinstance(e.event.data, KvStored) for b, _ in batches for e in b)
-            await collect(kv, decode_kv_events, lambda: stored() >= 3, batches)
-            await collect(load, decode_load, lambda: len(loads) >= 1, loads)
+            # A SUB that connected moments ago may miss a publisher's first messages (ZMQ's
+            # slow joiner), and the mocker publishes load only when it changes: keep sending
+            # new prompts until both streams have delivered.
+            sent = 0
+            async with asyncio.timeout(TIMEOUT):
+                while stored() < 3 or not loads:
+                    r = await chat(http, url, f"trial {sent} {LONG}")
+                    sent += 1
+                    assert r.status_code == 200, r.text
+                    for sub, decode, out in ((kv, decode_kv_events, batches),
+                                             (load, decode_load, loads)):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.5):
+                                out.append(decode((await anext(sub)).payload))  # type: ignore[attr-defined]
         finally:
             await plane.close()
 
