@@ -267,10 +267,11 @@ def wait_for_instances(url: str, n: int, timeout: float = START_TIMEOUT) -> None
                f"{n} generate instances at {url}")
 
 
-def metric(proc: Proc, name: str) -> float:
-    """Sum of the samples of ``name`` (no label filter) on a worker's /metrics; 0 if none."""
+def metric_at(base_url: str, name: str) -> float:
+    """Sum of the samples of ``name`` (no label filter) on ``base_url``'s /metrics; 0 if
+    none or unreachable."""
     try:
-        text = httpx.get(proc.status_url + "/metrics", timeout=5.0, trust_env=False).text
+        text = httpx.get(base_url + "/metrics", timeout=5.0, trust_env=False).text
     except httpx.HTTPError:
         return 0.0
     total = 0.0
@@ -278,6 +279,11 @@ def metric(proc: Proc, name: str) -> float:
         if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def metric(proc: Proc, name: str) -> float:
+    """:func:`metric_at` of a worker's status server."""
+    return metric_at(proc.status_url, name)
 
 
 @pytest.fixture
@@ -290,4 +296,4 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 
 __all__ = ["Deployment", "Proc", "deployment", "dynamo_python", "generate_instances",
-           "metric", "models", "wait_for_instances", "wait_for_model", "wait_until"]
+           "metric", "metric_at", "models", "wait_for_instances", "wait_for_model", "wait_until"]

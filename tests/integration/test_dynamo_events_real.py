@@ -144,7 +144,7 @@ async def test_our_plane_follows_a_dynamo_mocker(deployment: Deployment) -> None
                                              (load, decode_load, loads)):
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(0.5):
-                                out.append(decode((await anext(sub)).payload))  # type: ignore[attr-defined]
+                                out.append(decode((await anext(sub)).payload))
         finally:
             await plane.close()
 

@@ -24,6 +24,7 @@ from dynamo_real import (
     Deployment,
     deployment,
     metric,
+    metric_at,
     models,
     wait_for_instances,
     wait_for_model,
@@ -289,7 +290,7 @@ def test_our_kv_router_follows_dynamos_mocker_events(deployment: Deployment) -> 
         if i == 0:
             # The mocker's KV events travel apart from the response: wait until the prompt's
             # blocks are in the router's index before routing the repeat.
-            wait_until(lambda: _gauge(url, "dynamo_frontend_router_indexed_blocks") >= 8, 15,
+            wait_until(lambda: metric_at(url, "dynamo_frontend_router_indexed_blocks") >= 8, 15,
                        "the first prompt's blocks in our router's index")
     assert all(x >= 16 * 8 for x in cached[1:]), cached
 
@@ -322,15 +323,6 @@ def test_mixed_pool_behind_either_frontend(deployment: Deployment, front: str) -
     # Round robin over two workers: both served (a worker left out of the pool serves none).
     assert min(served) >= 3, (served, fe.tail(20))
     assert not any("Rejected incompatible" in ln for ln in fe.lines), fe.tail(20)
-
-
-def _gauge(url: str, name: str) -> float:
-    """Sum of the samples of ``name`` on a frontend's /metrics (0 if none)."""
-    total = 0.0
-    for line in _metrics(url).splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _health_workers(url: str, model: str) -> int:
