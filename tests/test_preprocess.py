@@ -434,7 +434,7 @@ def test_decode_request_accepts_openai_body(pre: Preprocessor) -> None:
         "max_completion_tokens": 9,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "logit_bias": {"5": 1},  # unknown to us: ignored
+        "logit_bias": {"5": 1},  # decoded; request_fields.check_fields refuses it
         "response_format": {"type": "text"},
     })
     req = decode_request(body, ChatCompletionRequest)

@@ -7,6 +7,8 @@ An engine author needs one import line::
 
 from . import chunk
 from .engine import (
+    GUIDED_DECODING_KEY,
+    GUIDED_DECODING_KINDS,
     HEALTH_CHECK_KEY,
     ComponentSnapshot,
     EngineConfig,
@@ -24,6 +26,7 @@ from .protocols import (
     BootstrapInfo,
     CompletionUsage,
     FinishReason,
+    GuidedDecodingOptions,
     LLMEngineOutput,
     OutputOptions,
     PrefillResult,
@@ -37,6 +40,8 @@ from .runtime import Context, EngineMetrics, KvEventPublisher, SnapshotPublisher
 __version__ = "0.1.0"
 
 __all__ = [
+    "GUIDED_DECODING_KEY",
+    "GUIDED_DECODING_KINDS",
     "HEALTH_CHECK_KEY",
     "BackendError",
     "BootstrapInfo",
@@ -48,6 +53,7 @@ __all__ = [
     "EngineMetrics",
     "FinishReason",
     "GenerateContext",
+    "GuidedDecodingOptions",
     "KvEventPublisher",
     "KvEventSource",
     "LLMEngine",

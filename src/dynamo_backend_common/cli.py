@@ -25,6 +25,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .config import add_plane_args
 from .engine import LLMEngine
@@ -145,6 +146,31 @@ def _router_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("DYN_API_KEY") or None,
                    help="require Authorization: Bearer KEY on /v1/* [DYN_API_KEY]")
+    _openai_args(p)
+
+
+def _openai_args(p: argparse.ArgumentParser) -> None:
+    from .frontend.reasoning import REASONING_PARSERS
+    from .frontend.tool_calls import TOOL_CALL_PARSERS
+
+    env = os.environ.get
+    p.add_argument("--tool-call-parser", default=env("DYN_TOOL_CALL_PARSER", "auto"),
+                   choices=["auto", "none", *sorted(TOOL_CALL_PARSERS)], metavar="NAME",
+                   help="how tool calls are read from model output: auto (the worker's card, "
+                        "else detected from the chat template), none, or one of "
+                        f"{', '.join(sorted(TOOL_CALL_PARSERS))} [DYN_TOOL_CALL_PARSER] "
+                        "(default: %(default)s)")
+    p.add_argument("--reasoning-parser", default=env("DYN_REASONING_PARSER") or None,
+                   choices=["none", *sorted(REASONING_PARSERS)], metavar="NAME",
+                   help="split reasoning into reasoning_content: none or one of "
+                        f"{', '.join(sorted(REASONING_PARSERS))} (default: the worker's card, "
+                        "else none) [DYN_REASONING_PARSER]")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a request that has not finished after SECONDS and answer 504 "
+                        "(default: no limit; a request's own timeout field can shorten it)")
+    p.add_argument("--unsupported-fields", choices=["reject", "ignore"], default="reject",
+                   help="a request field this server does not honour: reject (400 naming it) "
+                        "or ignore it (default: %(default)s)")
 
 
 def _http_args(p: argparse.ArgumentParser, port_default: int) -> None:
@@ -152,6 +178,14 @@ def _http_args(p: argparse.ArgumentParser, port_default: int) -> None:
                    help="HTTP bind host [DYN_HTTP_HOST] (default: %(default)s)")
     p.add_argument("--port", type=int, default=port_default,
                    help="HTTP port, 0 = ephemeral (default: %(default)s)")
+
+
+def _openai_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`FrontendConfig` fields of :func:`_openai_args`."""
+    return {"tool_call_parser": args.tool_call_parser,
+            "reasoning_parser": args.reasoning_parser,
+            "request_timeout": args.request_timeout,
+            "unsupported_fields": args.unsupported_fields}
 
 
 def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
@@ -169,7 +203,7 @@ def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
         events=resolve_events(args.events, args.event_plane), namespace=args.namespace or None,
         router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, busy_threshold=args.busy_threshold,
-        api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        api_key=args.api_key, max_body_bytes=args.max_body_bytes, **_openai_config(args))
     return run_coroutine(serve_frontend(config))
 
 
@@ -185,7 +219,8 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
         port=args.port, router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, api_key=args.api_key,
         migration_limit=args.migration_limit, namespace=args.namespace,
-        start_timeout_s=args.start_timeout, worker_logs=args.worker_logs)
+        start_timeout_s=args.start_timeout, worker_logs=args.worker_logs,
+        frontend_options=_openai_config(args))
     return run_coroutine(run_local(config))
 
 

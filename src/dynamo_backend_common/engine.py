@@ -38,7 +38,16 @@ from .runtime.publishers import KvEventPublisher, SnapshotPublisher
 #: Marker key stamped on canary payloads (``PreprocessedRequest.health_check`` on decode).
 HEALTH_CHECK_KEY: Final = "_HEALTH_CHECK"
 
+#: ``EngineConfig.runtime_data`` key: the guided-decoding (structured output) kinds the engine
+#: honours, a list drawn from :data:`GUIDED_DECODING_KINDS`. ``sampling_options.guided_decoding``
+#: carries them to ``generate`` (``json``: a JSON schema, ``regex``, ``choice``, ``grammar``).
+#: The frontend refuses (HTTP 400) a request asking for a kind its model's engines did not list.
+GUIDED_DECODING_KEY: Final = "guided_decoding"
+GUIDED_DECODING_KINDS: Final = ("json", "regex", "choice", "grammar")
+
 __all__ = [
+    "GUIDED_DECODING_KEY",
+    "GUIDED_DECODING_KINDS",
     "HEALTH_CHECK_KEY",
     "BootstrapInfo",
     "CompletionUsage",

@@ -190,6 +190,8 @@ class LocalRunConfig:
     start_timeout_s: float = 60.0
     worker_stop_s: float = 30.0
     worker_logs: bool = False
+    #: More :class:`FrontendConfig` fields (parsers, timeout, field policy).
+    frontend_options: dict[str, Any] = field(default_factory=dict)
 
 
 def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str,
@@ -238,7 +240,8 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
     frontend = Frontend(FrontendConfig(
         host=cfg.host, port=cfg.port, discovery=discovery, namespace=cfg.namespace,
         router_mode=cfg.router_mode, kv_overlap_weight=cfg.kv_overlap_weight,
-        router_temperature=cfg.router_temperature, api_key=cfg.api_key))
+        router_temperature=cfg.router_temperature, api_key=cfg.api_key,
+        **cfg.frontend_options))
     server = HttpServer(frontend.app, cfg.host, cfg.port)
     waits: dict[asyncio.Future[Any], WorkerProcess] = {}
     code = 0

@@ -1,11 +1,14 @@
 """OpenAI API request and response shapes as ``msgspec`` Structs, plus :class:`RequestError`.
 
 Requests validate on decode (:func:`decode_request`): a wrong type or an out-of-range value is a
-:class:`RequestError` (HTTP 400) naming the offending parameter. Unknown request fields are
-ignored, so clients that send newer OpenAI fields keep working. Extensions beyond OpenAI's API
-follow vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
-``chat_template_kwargs``, ``add_generation_prompt``.
+:class:`RequestError` (HTTP 400) naming the offending parameter. An unknown top-level field is a
+400 ``unknown_parameter`` naming it (``unknown="ignore"`` drops it instead), so a client never
+believes a field it sent took effect when it did not; fields we know but do not honour are
+decoded so :mod:`.request_fields` can refuse them by name. Extensions beyond OpenAI's API follow
+vLLM's names: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
+``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``chat_template_kwargs``, ``add_generation_prompt``, ``guided_json`` / ``guided_regex`` /
+``guided_choice`` / ``guided_grammar`` (and ``structured_outputs``); ``timeout`` (seconds) is ours.
 
 Responses encode to OpenAI's JSON: fields OpenAI always writes (``finish_reason``, ``logprobs``,
 ``system_fingerprint``) are written even when ``null``; ``usage`` on stream chunks is left out
@@ -16,7 +19,7 @@ for ``stream_options.include_usage``, as OpenAI does. The official ``openai`` cl
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -40,12 +43,21 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "ContentPart",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "ErrorDetail",
     "ErrorResponse",
+    "FunctionCall",
+    "JsonSchemaFormat",
     "ModelInfo",
     "ModelList",
     "RequestError",
+    "ResponseFormat",
     "StreamOptions",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "ToolCallDelta",
+    "ToolCallItem",
     "TopLogprob",
     "Usage",
     "decode_request",
@@ -100,6 +112,24 @@ _Pos = Annotated[int, msgspec.Meta(ge=1)]
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    #: vLLM's usage on every chunk: refused (see :mod:`.request_fields`).
+    continuous_usage_stats: bool | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    """``response_format.json_schema``: ``schema`` is the JSON schema the output must match."""
+
+    name: str = "response"
+    description: str | None = None
+    schema: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """``response_format``: ``{"type": "text" | "json_object" | "json_schema", ...}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
@@ -143,6 +173,23 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     user: str | None = None
+    #: Seconds until the request is stopped and answered with a 504 (our extension).
+    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # Known but not honoured: decoded only so that request_fields can refuse them by name.
+    logit_bias: dict[str, float] | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -154,8 +201,19 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    #: Passed to the chat template as ``reasoning_effort`` (as vLLM does).
+    reasoning_effort: str | None = None
+    # Known but not honoured (see request_fields).
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    verbosity: str | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -171,25 +229,92 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     best_of: _Pos | None = None
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """``POST /tokenize`` (vLLM's shape): either ``prompt`` (text) or ``messages`` (rendered
+    by the chat template first). ``model`` may be left out when one model is served.
+    ``add_special_tokens`` defaults to true for ``prompt`` and false for ``messages`` (the
+    template writes them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(msgspec.Struct, kw_only=True):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(msgspec.Struct, kw_only=True):
+    prompt: str
+
+
 _T = TypeVar("_T", bound=msgspec.Struct)
 _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING_RE = re.compile(r"missing required field `([^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
 
 
-def decode_request(data: bytes | str, type: type[_T]) -> _T:
+class _StrictChat(ChatCompletionRequest, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _StrictCompletion(CompletionRequest, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _StrictTokenize(TokenizeRequest, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _StrictDetokenize(DetokenizeRequest, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+_STRICT: Final[dict[type[Any], type[Any]]] = {
+    ChatCompletionRequest: _StrictChat, CompletionRequest: _StrictCompletion,
+    TokenizeRequest: _StrictTokenize, DetokenizeRequest: _StrictDetokenize}
+
+
+def decode_request(data: bytes | str, type: type[_T],
+                   unknown: Literal["reject", "ignore"] = "reject") -> _T:
     """Decode and validate a JSON request body.
 
     Raises :class:`RequestError` (400) with ``param`` set to the failing field's path
     (``messages[0].content``) and ``code`` one of ``invalid_type`` (wrong JSON type),
-    ``invalid_value`` (out of range), ``missing_required_parameter`` or ``invalid_json``.
+    ``invalid_value`` (out of range), ``missing_required_parameter``, ``invalid_json`` or, for a
+    top-level field this server does not know (unless ``unknown="ignore"``),
+    ``unknown_parameter``. The result is an instance of ``type`` (or of a subclass).
     """
+    target = _STRICT.get(type, type) if unknown == "reject" else type
     try:
-        return msgspec.json.decode(data, type=type)
+        decoded: _T = msgspec.json.decode(data, type=target)
+        return decoded
     except msgspec.ValidationError as e:
         msg = str(e)
         m = _PATH_RE.search(msg)
         param = (m.group(1) or None) if m else None
         missing = _MISSING_RE.search(msg)
+        extra = _UNKNOWN_RE.search(msg)
+        if extra and not param:
+            raise RequestError(
+                f"Unrecognized request argument supplied: {extra.group(1)} (this server does "
+                "not support it; see docs/frontend.md for the fields it serves)",
+                code="unknown_parameter", param=extra.group(1)) from e
         if missing:
             code = "missing_required_parameter"
             param = f"{param}.{missing.group(1)}" if param else missing.group(1)
@@ -252,11 +377,38 @@ class ChatChoiceLogprobs(msgspec.Struct, kw_only=True):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    #: The arguments object as JSON text, as OpenAI sends it.
+    arguments: str
+
+
+class ToolCallItem(msgspec.Struct, kw_only=True):
+    """A complete tool call of a chat message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    """A tool call in a stream chunk. We send each call whole, in one chunk: ``index`` orders
+    the calls of the choice, and ``id``, ``type``, ``function.name`` and the whole
+    ``function.arguments`` come together (clients that concatenate fragments get the same)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+    tool_calls: list[ToolCallItem] | UnsetType = UNSET
+    #: The model's reasoning, split off by the frontend's reasoning parser.
+    reasoning_content: str | UnsetType = UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -284,7 +436,8 @@ class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     role: str | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):

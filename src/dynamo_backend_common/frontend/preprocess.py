@@ -20,11 +20,13 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..protocols.common import (
+    GuidedDecodingOptions,
     OutputOptions,
     PreprocessedRequest,
     SamplingOptions,
     StopConditions,
 )
+from .chat_parsing import ToolChoice, resolve_tool_choice
 from .model_dir import ModelDir
 from .openai_types import (
     ChatCompletionRequest,
@@ -33,6 +35,7 @@ from .openai_types import (
     ContentPart,
     RequestError,
 )
+from .request_fields import guided_decoding
 
 __all__ = ["ChatTemplate", "ContentFormat", "Preprocessed", "Preprocessor", "RequestError"]
 
@@ -242,6 +245,8 @@ class Preprocessed:
     request: PreprocessedRequest
     prompt_tokens: int
     prompt: str | None
+    #: The validated ``tool_choice`` of a chat request (``None`` for completions).
+    tool_choice: ToolChoice | None = None
 
 
 class Preprocessor:
@@ -260,7 +265,12 @@ class Preprocessor:
     ``max_tokens`` over the context length (``code="context_length_exceeded"``); an empty or
     batched prompt; token ids outside the vocabulary; ``suffix``; ``top_logprobs`` without
     ``logprobs``; ``min_tokens > max_tokens``; non-text content parts; chat on a model without
-    a chat template.
+    a chat template; a malformed ``tools`` / ``tool_choice`` or structured-output field.
+
+    Structured output (``response_format``, ``guided_*``, ``structured_outputs``, and the
+    constraint of ``tool_choice`` ``required`` / named, see :mod:`.chat_parsing`) becomes
+    ``sampling_options.guided_decoding``; whether the engine honours it is the caller's check
+    (the model card's ``runtime_data``). ``reasoning_effort`` reaches the chat template.
     """
 
     def __init__(
@@ -296,11 +306,14 @@ class Preprocessor:
                 f"model {self.model_dir.name!r} has no chat template; use /v1/completions",
                 code="model_not_supported", param="messages",
             )
+        extra = dict(req.chat_template_kwargs or {})
+        if req.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", req.reasoning_effort)
         return self.chat_template.render(
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             tools=req.tools,
-            **(req.chat_template_kwargs or {}),
+            **extra,
         )
 
     def preprocess_chat(self, req: ChatCompletionRequest) -> Preprocessed:
@@ -308,6 +321,15 @@ class Preprocessor:
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs requires logprobs=true", code="invalid_value",
                                param="top_logprobs")
+        tool_choice = resolve_tool_choice(req)
+        guided = guided_decoding(req)
+        if tool_choice.guided is not None:
+            if guided is not None:
+                raise RequestError(
+                    f"tool_choice {tool_choice.mode!r} constrains the output itself; it cannot "
+                    "be combined with response_format or guided decoding",
+                    code="invalid_value", param="tool_choice")
+            guided = tool_choice.guided
         prompt = self.render_chat(req)
         # The template writes its own BOS/special tokens, as apply_chat_template(tokenize=True).
         ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -316,7 +338,9 @@ class Preprocessor:
         )
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, ids, prompt, max_tokens, param, logprobs, "messages")
+        pre = self._build(req, ids, prompt, max_tokens, param, logprobs, "messages", guided)
+        return Preprocessed(request=pre.request, prompt_tokens=pre.prompt_tokens,
+                            prompt=pre.prompt, tool_choice=tool_choice)
 
     # ----------------------------------------------------------- completions
 
@@ -335,10 +359,11 @@ class Preprocessor:
         text, ids = self._completion_prompt(req.prompt)
         if ids is None:
             assert text is not None
-            ids = self._encode_text(text)
+            ids = self.encode_text(text)
         elif req.echo:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return self._build(req, ids, text, req.max_tokens, "max_tokens", req.logprobs, "prompt")
+        return self._build(req, ids, text, req.max_tokens, "max_tokens", req.logprobs, "prompt",
+                           guided_decoding(req))
 
     def _completion_prompt(self, prompt: Any) -> tuple[str | None, list[int] | None]:
         if isinstance(prompt, str):
@@ -351,9 +376,9 @@ class Preprocessor:
             return prompt[0], None
         if all(isinstance(p, list) for p in prompt):
             self._single(len(prompt))
-            return None, self._check_ids(prompt[0], "prompt[0]")
+            return None, self.check_ids(prompt[0], "prompt[0]")
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return None, self._check_ids(prompt, "prompt")
+            return None, self.check_ids(prompt, "prompt")
         raise RequestError(
             "prompt must be a string, a list of token ids, or a one-element list of either",
             code="invalid_type", param="prompt",
@@ -367,7 +392,8 @@ class Preprocessor:
                 code="unsupported_value", param="prompt",
             )
 
-    def _check_ids(self, ids: Any, param: str) -> list[int]:
+    def check_ids(self, ids: Any, param: str) -> list[int]:
+        """``ids`` as a list when every one is a token id of the vocabulary, else 400."""
         if not isinstance(ids, list):
             raise RequestError("token ids must be a list of integers", code="invalid_type",
                                param=param)
@@ -379,7 +405,9 @@ class Preprocessor:
                 )
         return list(ids)
 
-    def _encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
+        """A completion prompt's ids: with the tokenizer's special tokens, BOS as
+        ``tokenizer_config.json``'s ``add_bos_token`` says."""
         md = self.model_dir
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=True).ids
         bos = md.bos_token_id
@@ -403,6 +431,7 @@ class Preprocessor:
         max_tokens_param: str,
         logprobs: int | None,
         prompt_param: str,
+        guided: GuidedDecodingOptions | None = None,
     ) -> Preprocessed:
         if not ids:
             raise RequestError("the prompt is empty", code="invalid_value", param=prompt_param)
@@ -433,7 +462,7 @@ class Preprocessor:
                 code="invalid_value", param="min_tokens",
             )
         stop_token_ids = (
-            self._check_ids(req.stop_token_ids, "stop_token_ids")
+            self.check_ids(req.stop_token_ids, "stop_token_ids")
             if req.stop_token_ids is not None else None
         )
         request = PreprocessedRequest(
@@ -457,6 +486,7 @@ class Preprocessor:
                 min_p=req.min_p,
                 seed=req.seed,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                guided_decoding=guided,
             ),
             output_options=OutputOptions(
                 logprobs=logprobs,

@@ -24,6 +24,7 @@ from msgspec import UNSET
 from tokenizers import Tokenizer
 
 from ..protocols.common import CompletionUsage
+from .chat_parsing import ChoiceParser, Parsed, function_call, new_tool_call_id
 from .openai_types import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -37,6 +38,8 @@ from .openai_types import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
+    ToolCallDelta,
+    ToolCallItem,
     TopLogprob,
     Usage,
 )
@@ -90,13 +93,64 @@ class _Base:
 
 
 class ChatRenderer(_Base):
-    """``chat.completion`` / ``chat.completion.chunk`` bodies for ``n`` choices."""
+    """``chat.completion`` / ``chat.completion.chunk`` bodies for ``n`` choices.
+
+    With ``parsers`` (one :class:`ChoiceParser` per choice) each choice's text is split into
+    ``reasoning_content``, ``content`` and ``tool_calls``; a choice that returned tool calls and
+    ended normally finishes with ``"tool_calls"``. Each call is sent whole, in one chunk, with
+    a fresh ``call_`` id. Without parsers the text is ``content`` as is (the fast path).
+    """
 
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
-                 tokenizer: Tokenizer, logprobs: bool = False, n: int = 1) -> None:
+                 tokenizer: Tokenizer, logprobs: bool = False, n: int = 1,
+                 parsers: list[ChoiceParser] | None = None) -> None:
         super().__init__(rid, created, model, include_usage=include_usage,
                          tokenizer=tokenizer, logprobs=logprobs, n=n)
         self._lp: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
+        self.parsers = parsers
+        self._reasoning: list[list[str]] = [[] for _ in range(n)]
+        self._calls: list[list[ToolCallItem]] = [[] for _ in range(n)]
+
+    def _parse(self, d: StreamDelta) -> Parsed:
+        assert self.parsers is not None
+        p = self.parsers[d.index]
+        parsed = p.feed(d.text)
+        if d.finish_reason is not None:
+            tail = p.finish()
+            parsed.reasoning += tail.reasoning
+            parsed.content += tail.content
+            parsed.tool_calls += tail.tool_calls
+        return parsed
+
+    def _finish_reason(self, d: StreamDelta) -> str | None:
+        fr = d.finish_reason
+        if fr == "stop" and self.parsers is not None and self.parsers[d.index].tool_calls_made:
+            return "tool_calls"
+        return fr
+
+    def _parsed_event(self, d: StreamDelta) -> bytes:
+        parsed = self._parse(d)
+        lp = self._logprobs(d)
+        out = b""
+        if parsed.reasoning or parsed.content or lp:
+            out = self._chunk([ChunkChoice(
+                index=d.index,
+                delta=ChatDelta(content=parsed.content or None,
+                                reasoning_content=parsed.reasoning or None),
+                logprobs=ChatChoiceLogprobs(content=lp) if lp else None)])
+        if parsed.tool_calls:
+            calls = self._calls[d.index]
+            deltas = []
+            for c in parsed.tool_calls:
+                item = ToolCallItem(id=new_tool_call_id(), function=function_call(c))
+                deltas.append(ToolCallDelta(index=len(calls), id=item.id,
+                                            function=item.function))
+                calls.append(item)
+            out += self._chunk([ChunkChoice(index=d.index, delta=ChatDelta(tool_calls=deltas))])
+        if d.finish_reason is not None:
+            out += self._chunk([ChunkChoice(index=d.index, delta=ChatDelta(),
+                                            finish_reason=self._finish_reason(d))])
+        return out
 
     def _chunk(self, choice: list[ChunkChoice]) -> bytes:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
@@ -130,6 +184,8 @@ class ChatRenderer(_Base):
             for i in range(self.n))
 
     def event(self, d: StreamDelta) -> bytes:
+        if self.parsers is not None:
+            return self._parsed_event(d)
         if d.finish_reason is None and not self.logprobs:
             return self._text_event(d.text, d.index) if d.text else b""
         lp = self._logprobs(d)
@@ -148,19 +204,39 @@ class ChatRenderer(_Base):
                                        choices=[], usage=Usage.from_completion_usage(usage)))
 
     def add(self, d: StreamDelta) -> None:
-        if d.text:
+        if self.parsers is not None:
+            parsed = self._parse(d)
+            if parsed.content:
+                self.text_parts[d.index].append(parsed.content)
+            if parsed.reasoning:
+                self._reasoning[d.index].append(parsed.reasoning)
+            self._calls[d.index].extend(
+                ToolCallItem(id=new_tool_call_id(), function=function_call(c))
+                for c in parsed.tool_calls)
+        elif d.text:
             self.text_parts[d.index].append(d.text)
         if self.logprobs:
             self._lp[d.index].extend(self._logprobs(d))
         if d.finish_reason is not None:
-            self.finish_reasons[d.index] = d.finish_reason
+            self.finish_reasons[d.index] = self._finish_reason(d)
+
+    def _message(self, i: int) -> ChatResponseMessage:
+        content = "".join(self.text_parts[i])
+        if self.parsers is None:
+            return ChatResponseMessage(content=content)
+        calls = self._calls[i]
+        reasoning = "".join(self._reasoning[i])
+        return ChatResponseMessage(
+            content=content or (None if calls or reasoning else ""),
+            tool_calls=calls if calls else UNSET,
+            reasoning_content=reasoning if reasoning else UNSET)
 
     def response(self, usage: CompletionUsage | None) -> ChatCompletion:
         return ChatCompletion(
             id=self.rid, created=self.created, model=self.model,
             choices=[ChatChoice(
                 index=i,
-                message=ChatResponseMessage(content="".join(self.text_parts[i])),
+                message=self._message(i),
                 logprobs=ChatChoiceLogprobs(content=self._lp[i]) if self.logprobs else None,
                 finish_reason=self.finish_reasons[i],
             ) for i in range(self.n)],

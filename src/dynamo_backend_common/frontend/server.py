@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 import uvicorn
@@ -55,6 +56,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ..engine import GUIDED_DECODING_KEY
 from ..errors import BackendError, DynamoError
 from ..protocols.common import CompletionUsage, LLMEngineOutput, PreprocessedRequest
 from ..protocols.common import usage as make_usage
@@ -63,6 +65,7 @@ from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
 from .card_files import materialize
+from .chat_parsing import ChoiceParser, NamedToolParser, RequiredToolParser
 from .engine_client import EngineClient
 from .metrics import FrontendMetrics, RequestTimer
 from .model_dir import ModelDir, ModelDirError
@@ -70,15 +73,22 @@ from .model_manager import ModelEntry, ModelManager
 from .openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelInfo,
     ModelList,
     RequestError,
+    TokenizeRequest,
+    TokenizeResponse,
     decode_request,
 )
 from .postprocess import StreamDelta, StreamPostprocessor
 from .preprocess import Preprocessed, Preprocessor
+from .reasoning import REASONING_PARSERS, make_reasoning_parser
+from .request_fields import check_fields, guided_kinds
 from .responses import DONE, ChatRenderer, CompletionRenderer, Renderer, sse
 from .routing import Router
+from .tool_calls import TOOL_CALL_PARSERS, ToolCallParser, detect_tool_call_parser
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
@@ -91,6 +101,9 @@ _OFFLOAD_BYTES: Final = 64 * 1024
 #: Unsent SSE bytes of one stream above which generation waits for the client to read.
 _MAX_BACKLOG: Final = 1024 * 1024
 _encode = msgspec.json.Encoder().encode
+
+#: Parsers whose markers are special tokens (dropped by ``skip_special_tokens``).
+_SPECIAL_MARKERS: Final = frozenset({"mistral"})
 
 _KIND_STATUS: Final = {
     BackendError.InvalidArgument: 400,
@@ -127,6 +140,40 @@ class FrontendConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Largest ``n`` (choices per request) accepted; each choice is its own engine request.
     max_n: int = 8
+    #: Tool-call parser for ``tools`` requests (:data:`.tool_calls.TOOL_CALL_PARSERS`):
+    #: ``"auto"`` takes the worker card's ``tool_call_parser``, else detects it from the chat
+    #: template; ``None`` / ``"none"`` parses no tool calls.
+    tool_call_parser: str | None = "auto"
+    #: Reasoning parser (:data:`.reasoning.REASONING_PARSERS`) for every chat request; ``None``:
+    #: the worker card's ``reasoning_parser`` if it names one, else no reasoning split.
+    reasoning_parser: str | None = None
+    #: Seconds a request may take before it is stopped and answered 504 (``None``: no limit;
+    #: a request's own ``timeout`` field may only shorten it).
+    request_timeout: float | None = None
+    #: ``"reject"``: a request field this server does not honour is a 400 naming it;
+    #: ``"ignore"``: it is dropped (logged once per field name), and guided decoding is passed
+    #: to engines that did not declare it.
+    unsupported_fields: Literal["reject", "ignore"] = "reject"
+
+    def __post_init__(self) -> None:
+        from .reasoning import REASONING_PARSERS
+        from .tool_calls import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser == "none":
+            self.tool_call_parser = None
+        if self.tool_call_parser not in (None, "auto") and (
+                self.tool_call_parser not in TOOL_CALL_PARSERS):
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r} (known: "
+                             f"auto, none, {', '.join(sorted(TOOL_CALL_PARSERS))})")
+        if self.reasoning_parser == "none":
+            self.reasoning_parser = None
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r} (known: "
+                             f"{', '.join(sorted(REASONING_PARSERS))})")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("request_timeout must be > 0 seconds")
+        if self.unsupported_fields not in ("reject", "ignore"):
+            raise ValueError("unsupported_fields must be 'reject' or 'ignore'")
 
 
 def dynamo_error_to_request_error(exc: DynamoError) -> RequestError:
@@ -146,6 +193,9 @@ def _error_response(err: RequestError, headers: dict[str, str] | None = None) ->
 class _ModelState:
     model_dir: ModelDir
     preprocessor: Preprocessor
+    #: Resolved parser names for this model (``None``: none).
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 class _Job:
@@ -158,7 +208,7 @@ class _Job:
 
     __slots__ = ("completion", "ctx", "ctxs", "disconnected", "endpoint", "error", "finished",
                  "headers_sent", "model", "n", "posts", "pre", "renderer", "requests",
-                 "response_done", "stream", "timer", "usage")
+                 "response_done", "stream", "timed_out", "timeout", "timer", "usage")
 
     def __init__(self, *, model: str, endpoint: str, stream: bool, pre: Preprocessed,
                  model_dir: ModelDir, renderer: Renderer, ctx: Context,
@@ -188,6 +238,9 @@ class _Job:
         self.posts = [StreamPostprocessor.for_request(model_dir, r, index=i)
                       for i, r in enumerate(self.requests)]
         self.disconnected = False
+        #: Seconds the request may run (``None``: no limit), and whether it ran out.
+        self.timeout: float | None = None
+        self.timed_out = False
         self.headers_sent = False
         self.response_done = False
         # Tally of finished choices (see ``see``).
@@ -255,6 +308,9 @@ class Frontend:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/models", self._list_models, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", self._get_model, methods=["GET"]),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/detokenize", self._detokenize, methods=["POST"]),
                 Route("/health", self._health, methods=["GET"]),
                 Route("/live", self._live, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
@@ -339,7 +395,7 @@ class Frontend:
         task = self._states.get(key)
         if task is None:
             task = self._states[key] = asyncio.get_running_loop().create_task(
-                self._load(card.card_json, entry.name, self.config.max_n),
+                self._load(card.card_json, entry.name, self.config),
                 name=f"load {entry.name}")
         try:
             return await asyncio.shield(task)
@@ -351,14 +407,25 @@ class Frontend:
                 code="model_load_failed", type="server_error") from exc
 
     @staticmethod
-    async def _load(card: ModelDeploymentCard, name: str, max_n: int) -> _ModelState:
+    async def _load(card: ModelDeploymentCard, name: str, cfg: FrontendConfig) -> _ModelState:
         def load() -> tuple[Path, _ModelState]:
             path = materialize(card)
             md = ModelDir.load(path, name=name)
-            return path, _ModelState(md, Preprocessor(md, max_n=max_n))
+            rc = card.runtime_config
+            tool_parser = cfg.tool_call_parser
+            if tool_parser == "auto":
+                # The worker's word (Dynamo's --dyn-tool-call-parser) over our guess.
+                tool_parser = (rc.tool_call_parser if rc.tool_call_parser in TOOL_CALL_PARSERS
+                               else detect_tool_call_parser(md.chat_template))
+            reasoning = cfg.reasoning_parser
+            if reasoning is None and rc.reasoning_parser in REASONING_PARSERS:
+                reasoning = rc.reasoning_parser
+            return path, _ModelState(md, Preprocessor(md, max_n=cfg.max_n), tool_parser,
+                                     reasoning)
 
         path, state = await asyncio.to_thread(load)
-        log.info("loaded model files of %s from %s", name, path)
+        log.info("loaded model files of %s from %s (tool-call parser %s, reasoning parser %s)",
+                 name, path, state.tool_call_parser, state.reasoning_parser)
         return state
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -428,6 +495,80 @@ class Frontend:
                 for e in sorted(self.models.models.values(), key=lambda e: e.name)]
         return Response(_encode(ModelList(data=data)), media_type="application/json")
 
+    async def _get_model(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+            model_id = request.path_params["model_id"]
+            entry = self.models.models.get(model_id)
+            if entry is None:
+                raise self._no_model(model_id)
+        except RequestError as err:
+            return _error_response(err)
+        return Response(_encode(ModelInfo(id=entry.name, created=entry.created)),
+                        media_type="application/json")
+
+    def _no_model(self, name: str | None) -> RequestError:
+        return RequestError(f"The model `{name}` does not exist (served: "
+                            f"{sorted(self.models.models) or 'none yet'}).",
+                            status=404, code="model_not_found", param="model")
+
+    async def _utility_state(self, name: str | None) -> _ModelState:
+        """The model state for ``/tokenize`` / ``/detokenize``: ``name``, or the only model."""
+        if name is None:
+            if len(self.models.models) != 1:
+                raise RequestError(
+                    f"model is required when {len(self.models.models)} models are served",
+                    code="missing_required_parameter", param="model")
+            name = next(iter(self.models.models))
+        entry = self.models.models.get(name)
+        if entry is None:
+            raise self._no_model(name)
+        return await self.model_state(entry)
+
+    async def _tokenize(self, request: Request) -> Response:
+        """vLLM's ``POST /tokenize``: ``{count, max_model_len, tokens, token_strs}``."""
+        try:
+            self._check_auth(request)
+            req = decode_request(await self._body(request), TokenizeRequest,
+                                 self.config.unsupported_fields)
+            if (req.prompt is None) == (req.messages is None):
+                raise RequestError("send exactly one of prompt and messages",
+                                   code="invalid_value", param="prompt")
+            state = await self._utility_state(req.model)
+            pp = state.preprocessor
+            if req.messages is not None:
+                chat = ChatCompletionRequest(
+                    model=req.model or "", messages=req.messages, tools=req.tools,
+                    add_generation_prompt=req.add_generation_prompt,
+                    chat_template_kwargs=req.chat_template_kwargs)
+                text = pp.render_chat(chat)
+                special = bool(req.add_special_tokens)
+            else:
+                text = req.prompt or ""
+                special = req.add_special_tokens is not False
+            ids = (pp.encode_text(text) if special
+                   else pp.tokenizer.encode(text, add_special_tokens=False).ids)
+        except RequestError as err:
+            return _error_response(err)
+        tok = pp.tokenizer
+        strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
+        return Response(_encode(TokenizeResponse(
+            count=len(ids), max_model_len=state.model_dir.context_length, tokens=ids,
+            token_strs=strs)), media_type="application/json")
+
+    async def _detokenize(self, request: Request) -> Response:
+        """vLLM's ``POST /detokenize``: ``{prompt}``, special tokens kept."""
+        try:
+            self._check_auth(request)
+            req = decode_request(await self._body(request), DetokenizeRequest,
+                                 self.config.unsupported_fields)
+            state = await self._utility_state(req.model)
+            ids = state.preprocessor.check_ids(req.tokens, "tokens")
+        except RequestError as err:
+            return _error_response(err)
+        text = state.model_dir.tokenizer.decode(ids, skip_special_tokens=False)
+        return Response(_encode(DetokenizeResponse(prompt=text)), media_type="application/json")
+
     async def _chat(self, request: Request) -> Response:
         return await self._generate(request, "chat_completions")
 
@@ -442,15 +583,15 @@ class Frontend:
         try:
             self._check_auth(request)
             body = await self._body(request)
+            unknown = self.config.unsupported_fields
             req: ChatCompletionRequest | CompletionRequest = (
-                decode_request(body, ChatCompletionRequest) if chat
-                else decode_request(body, CompletionRequest))
+                decode_request(body, ChatCompletionRequest, unknown) if chat
+                else decode_request(body, CompletionRequest, unknown))
             stream = req.stream
+            check_fields(req, lenient=unknown == "ignore")
             entry = self.models.models.get(req.model)
             if entry is None:
-                raise RequestError(f"The model `{req.model}` does not exist (served: "
-                                   f"{sorted(self.models.models) or 'none yet'}).",
-                                   status=404, code="model_not_found", param="model")
+                raise self._no_model(req.model)
             model_label = entry.name
             wanted = "Chat" if chat else "Completions"
             if wanted not in entry.card.model_type:
@@ -460,6 +601,17 @@ class Frontend:
                     code="model_not_supported", param="model")
             state = await self.model_state(entry)
             pre = await self._preprocess(state.preprocessor, req, len(body))
+            self._check_guided(entry, pre, req)
+            parsers = self._parsers(state, pre, req)
+            if parsers is not None and req.skip_special_tokens is None and (
+                    state.tool_call_parser in _SPECIAL_MARKERS
+                    or state.reasoning_parser in _SPECIAL_MARKERS):
+                # Their markers ([TOOL_CALLS], [THINK]) are special tokens: keep them in the
+                # text the parser reads, as vLLM does.
+                oo = msgspec.structs.replace(pre.request.output_options,
+                                             skip_special_tokens=False)
+                pre = dataclasses.replace(pre, request=msgspec.structs.replace(
+                    pre.request, output_options=oo))
         except RequestError as err:
             self.metrics.count(model_label, endpoint, stream, "error")
             return _error_response(err)
@@ -473,7 +625,7 @@ class Frontend:
         if isinstance(req, ChatCompletionRequest):
             renderer = ChatRenderer(rid, created, req.model, include_usage=include_usage,
                                     tokenizer=md.tokenizer, logprobs=bool(req.logprobs),
-                                    n=req.n or 1)
+                                    n=req.n or 1, parsers=parsers)
         else:
             renderer = CompletionRenderer(
                 rid, created, req.model, include_usage=include_usage, tokenizer=md.tokenizer,
@@ -483,7 +635,62 @@ class Frontend:
             model=model_label, endpoint=endpoint, stream=stream, pre=pre, model_dir=md,
             renderer=renderer, ctx=ctx,
             timer=self.metrics.request_started(model_label, pre.prompt_tokens, start))
+        timeout = self.config.request_timeout
+        if req.timeout is not None:
+            timeout = req.timeout if timeout is None else min(timeout, req.timeout)
+        job.timeout = timeout
         return _GenerationResponse(self, job)
+
+    def _check_guided(self, entry: ModelEntry, pre: Preprocessed,
+                      req: ChatCompletionRequest | CompletionRequest) -> None:
+        """400 when the request asks for a guided-decoding kind the model's engine did not
+        declare in its card's ``runtime_data`` (unless fields are ``ignore``)."""
+        kinds = guided_kinds(pre.request.sampling_options.guided_decoding)
+        if not kinds or self.config.unsupported_fields == "ignore":
+            return
+        declared = entry.card.runtime_config.runtime_data.get(GUIDED_DECODING_KEY) or ()
+        missing = [k for k in kinds if k not in declared]
+        if missing:
+            tc = pre.tool_choice
+            param = ("tool_choice" if tc is not None and tc.guided is not None
+                     else "response_format" if req.response_format is not None
+                     else "structured_outputs" if req.structured_outputs
+                     else f"guided_{missing[0]}")
+            raise RequestError(
+                f"model {entry.name!r} cannot constrain its output to {missing[0]} (its engine "
+                f"declares guided decoding kinds: {list(declared) or 'none'}); this request "
+                "needs it", code="unsupported_parameter", param=param)
+
+    def _parsers(self, state: _ModelState, pre: Preprocessed,
+                 req: ChatCompletionRequest | CompletionRequest) -> list[ChoiceParser] | None:
+        """One :class:`ChoiceParser` per choice, or ``None`` when the output is plain content
+        (completions, no reasoning parser and no tool calls to parse)."""
+        tc = pre.tool_choice
+        if tc is None:
+            return None
+        tools: Callable[[], ToolCallParser] | None = None
+        if tc.mode == "named":
+            name = tc.name or ""
+            tools = lambda: NamedToolParser(name)  # noqa: E731
+        elif tc.mode == "required":
+            tools = RequiredToolParser
+        elif tc.mode == "auto":
+            parser = state.tool_call_parser
+            if parser is None:
+                raise RequestError(
+                    f"model {state.model_dir.name!r} has no tool-call parser, so tool calls "
+                    "would come back as plain text: start the frontend with --tool-call-parser "
+                    f"({', '.join(sorted(TOOL_CALL_PARSERS))}), or send tool_choice \"none\"",
+                    code="unsupported_parameter", param="tools")
+            tools = TOOL_CALL_PARSERS[parser]
+        reasoning = state.reasoning_parser
+        if tools is None and reasoning is None:
+            return None
+        max_calls = 1 if isinstance(req, ChatCompletionRequest) and (
+            req.parallel_tool_calls is False) else None
+        return [ChoiceParser(make_reasoning_parser(reasoning) if reasoning else None,
+                             tools() if tools is not None else None, max_calls=max_calls)
+                for _ in range(pre.request.sampling_options.n or 1)]
 
     @staticmethod
     async def _preprocess(pp: Preprocessor, req: ChatCompletionRequest | CompletionRequest,
@@ -598,9 +805,24 @@ class _GenerationResponse(Response):
             self.frontend.finished(job, "cancelled")
             return
         deltas = self.frontend.deltas(job)
+        deadline = asyncio.timeout(job.timeout)
         try:
-            status = await (self._stream(deltas, send) if job.stream
-                            else self._unary(deltas, send))
+            try:
+                async with deadline:
+                    status = await (self._stream(deltas, send, deadline) if job.stream
+                                    else self._unary(deltas, send))
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                # Stop the engine request (the worker runs abort), then answer the client.
+                job.timed_out = True
+                job.ctx.stop_generating()
+                status = "error"
+                log.warning("request %s: no finish after the %gs timeout; stopped it",
+                            job.ctx.id, job.timeout)
+                if not job.response_done and not job.headers_sent:
+                    job.response_done = True
+                    await _send_error(send, _timeout_error(job))
         except Exception:
             log.exception("request %s failed", job.ctx.id)
             if not job.response_done and not job.headers_sent:
@@ -651,7 +873,8 @@ class _GenerationResponse(Response):
         await send({"type": "http.response.body", "body": body})
         return "success"
 
-    async def _stream(self, deltas: AsyncIterator[StreamDelta], send: Send) -> str:
+    async def _stream(self, deltas: AsyncIterator[StreamDelta], send: Send,
+                      deadline: asyncio.Timeout) -> str:
         job = self.job
         r = job.renderer
         try:
@@ -702,7 +925,12 @@ class _GenerationResponse(Response):
             status = "error"
             out.write(sse(dynamo_error_to_request_error(exc).to_response()))
         finally:
-            job.response_done = not job.ctx.is_stopped()
+            if deadline.expired():
+                # Timed out mid-stream: the error event and [DONE] (the caller stops the engine).
+                out.write(sse(_timeout_error(job).to_response()))
+                job.response_done = True
+            else:
+                job.response_done = not job.ctx.is_stopped()
             await out.close(DONE if job.response_done else b"")
         return status
 
@@ -768,6 +996,12 @@ class _Coalescer:
                 self._task.cancel()
         await self._send({"type": "http.response.body", "body": bytes(self._buf) + last,
                           "more_body": False})
+
+
+def _timeout_error(job: _Job) -> RequestError:
+    return RequestError(f"the request did not finish within its {job.timeout:g}s timeout; it "
+                        "was stopped", status=504, code=BackendError.ResponseTimeout.value,
+                        type="server_error")
 
 
 async def _send_error(send: Send, err: RequestError) -> None:
