@@ -14,6 +14,12 @@ TTFT (request sent -> first content chunk) and ITL (gap between content chunks) 
 server's CPU per request (frontend process, worker processes; from ``/proc``), and saves the
 TTFT and ITL distributions as a PNG (``--plot``).
 
+``--tools`` sends one function tool with every request and starts the frontend with
+``--tool-call-parser hermes``, so each reply streams through the tool-call parser (the echo
+engine's text holds no calls: this is the parser's cost on content, the common case); compare
+a run with and without it for what a parser costs, and a run against an older checkout for what
+the unused parsers cost.
+
 ``--request-plane`` picks the workers' request plane: ``tcp`` (the default: Dynamo 1.6.1's plane
 plus our multiplexed fast path on a second port, which our frontend takes), ``tcp-only``
 (``DYN_MUX_FASTPATH=0``: the path a Dynamo frontend takes, one connection per request) or
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from dynamo_backend_common.bench import Level, parse_levels, run_levels
 
@@ -46,10 +53,16 @@ _PLANE_ENV = {"tcp": {"DYN_REQUEST_PLANE": "tcp", "DYN_MUX_FASTPATH": "1"},
               "mux": {"DYN_REQUEST_PLANE": "mux"}}
 
 
-def start_server(workers: int, extra: list[str],
-                 plane: str = "tcp") -> tuple[subprocess.Popen[str], str, str]:
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def start_server(workers: int, extra: list[str], plane: str = "tcp",
+                 frontend: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
     argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
-            "--workers", str(workers), "--port", "0", *extra]
+            "--workers", str(workers), "--port", "0", *(frontend or []), *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", **_PLANE_ENV[plane]))
     assert proc.stdout is not None
@@ -143,6 +156,8 @@ def main() -> int:
                    help="the workers' request plane: tcp (Dynamo's plus our fast path, the "
                    "default), tcp-only (what a Dynamo frontend uses), mux (ours), or a comma "
                    "list to run each and compare")
+    p.add_argument("--tools", action="store_true",
+                   help="send a tool with every request, frontend --tool-call-parser hermes")
     args = p.parse_args()
     levels = parse_levels(args.concurrency)
     planes = [x.strip() for x in args.request_plane.split(",") if x.strip()]
@@ -151,7 +166,7 @@ def main() -> int:
 
     if args.url:
         results = run_levels(args.url.rstrip("/"), args.model, levels, args.requests,
-                             args.max_tokens)
+                             args.max_tokens, extra_body=_extra(args))
         cpu: dict[str, list[tuple[float, float]]] = {}
     else:
         results, cpu = [], {}
@@ -176,18 +191,24 @@ def main() -> int:
     return 0
 
 
+def _extra(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"tools": TOOLS} if args.tools else None
+
+
 def run_server(args: argparse.Namespace, levels: list[int],
                plane: str) -> tuple[list[Level], list[tuple[float, float]]]:
     """One server on ``plane``: the levels' results and (frontend, workers) CPU ms/request."""
     extra = ["--", "--delay-ms", str(args.delay_ms)] if args.delay_ms else []
-    proc, model, url = start_server(args.workers, extra, plane)
+    frontend = ["--tool-call-parser", "hermes"] if args.tools else []
+    proc, model, url = start_server(args.workers, extra, plane, frontend)
     results, cpu = [], []
+    body = _extra(args)
     try:
-        run_levels(url, model, [1], 16, args.max_tokens, echo=False)  # warm-up
+        run_levels(url, model, [1], 16, args.max_tokens, echo=False, extra_body=body)  # warm-up
         for i, c in enumerate(levels):
             f0, w0 = server_cpu(proc.pid)
             (lvl,) = run_levels(url, model, [c], args.requests, args.max_tokens,
-                                echo=i == 0)
+                                echo=i == 0, extra_body=body)
             if i:
                 print(lvl.row(), flush=True)
             f1, w1 = server_cpu(proc.pid)

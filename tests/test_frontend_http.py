@@ -114,10 +114,12 @@ class Stack:
         self.url = self.server.url
         return self
 
-    async def add_worker(self, engine: LLMEngine, name: str, model_path: str = "") -> Worker:
+    async def add_worker(self, engine: LLMEngine, name: str, model_path: str = "",
+                         **options: Any) -> Worker:
         cfg = WorkerConfig(discovery=f"memory://{self.bus}", events=f"memory://{self.bus}",
                            served_model_name=name, model_path=model_path, status_port=None,
-                           shutdown=ShutdownConfig(total_secs=5, router_grace_secs=0))
+                           shutdown=ShutdownConfig(total_secs=5, router_grace_secs=0),
+                           **options)
         worker = Worker(engine, cfg)
         self.workers.append(worker)
         self.tasks.append(asyncio.create_task(worker.run()))

@@ -255,6 +255,22 @@ async def test_hermes_tool_calls_unary_and_streamed() -> None:
         assert json.loads(args[0]) == {"city": "Paris"}
 
 
+async def test_the_worker_card_names_the_parsers() -> None:
+    # The tiny ChatML template has no tool-call syntax to detect: only the card says hermes.
+    async with Stack() as stack:
+        engine = ScriptEngine()
+        engine.reply = "Hmm.</think>" + HERMES
+        await stack.add_worker(engine, "script", MODEL_DIR, tool_call_parser="hermes",
+                               reasoning_parser="deepseek_r1")
+        card = stack.frontend.models.models["script"].card.runtime_config
+        assert (card.tool_call_parser, card.reasoning_parser) == ("hermes", "deepseek_r1")
+        r = await client(stack).chat.completions.create(model="script", messages=MESSAGES,
+                                                        tools=TOOLS)
+        msg = r.choices[0].message
+        assert [c.function.name for c in msg.tool_calls or []] == ["get_weather"]
+        assert getattr(msg, "reasoning_content", None) == "Hmm."
+
+
 async def test_mistral_tool_calls_keep_special_tokens_in_the_text() -> None:
     async with Stack(tool_call_parser="mistral") as stack:
         engine = ScriptEngine()
@@ -460,3 +476,52 @@ async def test_a_stream_that_hangs_ends_with_a_timeout_error_event() -> None:
         assert json.loads(events[-2][5:])["error"]["code"] == "ResponseTimeout"
         assert json.loads(events[0][5:])["choices"][0]["text"]  # the token before the hang
         await asyncio.wait_for(engine.aborted.wait(), 5)
+
+
+async def test_logprobs_are_null_when_the_engine_sends_none() -> None:
+    async with Stack() as stack:
+        await stack.add_worker(ScriptEngine(), "script", MODEL_DIR)
+        oa = client(stack)
+        r = await oa.chat.completions.create(model="script", messages=MESSAGES, logprobs=True)
+        assert r.choices[0].message.content == "Hello there." and r.choices[0].logprobs is None
+        c = await oa.completions.create(model="script", prompt="hi", logprobs=1, max_tokens=8)
+        assert c.choices[0].text == "Hello there." and c.choices[0].logprobs is None
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                  "maxItems": 3}}}
+
+
+def _is_person(obj: Any) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"name", "age", "tags"}
+            and isinstance(obj["name"], str) and len(obj["name"]) <= 12
+            and isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
+            and isinstance(obj["tags"], list) and len(obj["tags"]) <= 3
+            and all(t in ("a", "b") for t in obj["tags"]))
+
+
+async def test_the_mocker_answers_json_schema_through_the_frontend() -> None:
+    from dynamo_backend_common.mocker import MockerEngine
+
+    async with Stack() as stack:
+        await stack.add_worker(MockerEngine(speedup_ratio=0, model_path=MODEL_DIR), "mock",
+                               MODEL_DIR)
+        oa = client(stack)
+        fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        r = await oa.chat.completions.create(model="mock", messages=MESSAGES, seed=3,
+                                             max_tokens=200, response_format=fmt)
+        unary = r.choices[0].message.content or ""
+        assert _is_person(json.loads(unary)) and r.choices[0].finish_reason == "stop"
+        stream = await oa.chat.completions.create(model="mock", messages=MESSAGES, seed=3,
+                                                  max_tokens=200, response_format=fmt,
+                                                  stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream
+                            if c.choices])
+        assert streamed == unary
+        # A choice constraint through the completions route.
+        c = await oa.completions.create(model="mock", prompt="pick", max_tokens=20,
+                                        extra_body={"guided_choice": ["left", "right"]})
+        assert c.choices[0].text in ("left", "right")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +15,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dynamo_backend_common import (  # noqa: E402
+    GUIDED_DECODING_KEY,
+    BackendError,
+    DynamoError,
     FinishReason,
+    GuidedDecodingOptions,
     LLMEngineOutput,
     PreprocessedRequest,
     SamplingOptions,
@@ -150,3 +157,181 @@ def test_from_args_reads_dyn_model_path(monkeypatch: pytest.MonkeyPatch, model_d
     monkeypatch.delenv("DYN_MODEL_PATH")
     with pytest.raises(SystemExit):
         TransformersEngine.from_args([])
+
+
+# -- structured output (guided decoding, llguidance) --------------------------------------------
+
+#: Ends within a few dozen tokens even for a random model: every key is forced, two values vary.
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def _guided(max_tokens: int = 64, **sampling: object) -> PreprocessedRequest:
+    req = _request(max_tokens, **sampling)
+    req.sampling_options.guided_decoding = GuidedDecodingOptions(json=SCHEMA)
+    return req
+
+
+def _guided_with(schema: Any) -> PreprocessedRequest:
+    req = _request(8)
+    req.sampling_options.guided_decoding = GuidedDecodingOptions(json=schema)
+    return req
+
+
+def _text(model_dir: Path, tokens: list[int]) -> str:
+    from tokenizers import Tokenizer
+
+    return str(Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(tokens))
+
+
+def _check_instance(text: str) -> None:
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(value) == {"ok", "color"}, value
+    assert isinstance(value["ok"], bool) and value["color"] in ("red", "green", "blue"), value
+
+
+async def _invalid(engine: TransformersEngine, request: PreprocessedRequest) -> DynamoError:
+    with pytest.raises(DynamoError) as info:
+        await _collect(engine, request)
+    assert info.value.kind == BackendError.InvalidArgument, info.value
+    return info.value
+
+
+async def test_guided_json_schema_output_is_a_valid_instance(model_dir: Path) -> None:
+    pytest.importorskip("llguidance")
+    engine = TransformersEngine.from_args(["--model", str(model_dir)])
+    config = await engine.start(3)
+    try:
+        assert config.runtime_data[GUIDED_DECODING_KEY] == ["json", "regex", "choice", "grammar"]
+        runs: list[list[int]] = []
+        for sampling in ({}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9, "seed": 3}):
+            tokens, terminal = await _collect(engine, _guided(**sampling))
+            _check_instance(_text(model_dir, tokens))
+            assert terminal.finish_reason == FinishReason.EOS
+            assert terminal.completion_usage.completion_tokens == len(tokens)
+            runs.append(tokens)
+        greedy = runs[0]
+        # Unconstrained, the same prompt is not JSON: the mask did the work.
+        free, _ = await _collect(engine, _request(len(greedy)))
+        assert not _text(model_dir, free).startswith('{"ok":')
+        # max_tokens still cuts the instance short.
+        cut, terminal = await _collect(engine, _guided(3))
+        assert cut == greedy[:3] and terminal.finish_reason == FinishReason.LENGTH
+    finally:
+        await engine.cleanup()
+
+
+async def test_guided_greedy_stream_is_the_same_alone_concurrent_or_whole(
+    model_dir: Path,
+) -> None:
+    pytest.importorskip("llguidance")
+    engine = TransformersEngine.from_args(["--model", str(model_dir)])
+    await engine.start(4)
+    try:
+        whole, _ = await _collect(engine, _guided())
+        # Chunk by chunk, interleaved on the model thread with another guided request.
+        other = _request(16)
+        other.sampling_options.guided_decoding = GuidedDecodingOptions(choice=["alpha", "beta"])
+        streamed: list[list[int]] = []
+
+        async def stream() -> None:
+            async for out in engine.generate(_guided(), mock_context()):
+                streamed.append(list(out.token_ids or []))
+
+        _, (choice, _) = await asyncio.gather(stream(), _collect(engine, other))
+        assert [t for c in streamed for t in c] == whole
+        assert len([c for c in streamed if c]) > 1  # it did stream
+        assert "".join(_text(model_dir, c) for c in streamed) == _text(model_dir, whole)
+        assert _text(model_dir, choice) in ("alpha", "beta")
+    finally:
+        await engine.cleanup()
+
+
+async def test_guided_regex_choice_grammar_and_compile_cache(model_dir: Path) -> None:
+    pytest.importorskip("llguidance")
+    engine = TransformersEngine(str(model_dir), grammar_cache_size=2)
+    await engine.start(5)
+    try:
+        cases: list[tuple[GuidedDecodingOptions, Any]] = [
+            (GuidedDecodingOptions(regex="[0-9]{3}"), lambda t: len(t) == 3 and t.isdigit()),
+            (GuidedDecodingOptions(choice=["yes", "no"]), lambda t: t in ("yes", "no")),
+            (GuidedDecodingOptions(grammar='start: "up" | "down"'), lambda t: t in ("up", "down")),
+            (GuidedDecodingOptions(grammar='root ::= "on" | "off"'), lambda t: t in ("on", "off")),
+        ]
+        for guided, ok in cases:
+            req = _request(32)
+            req.sampling_options.guided_decoding = guided
+            tokens, terminal = await _collect(engine, req)
+            assert ok(_text(model_dir, tokens)), (guided, _text(model_dir, tokens))
+            assert terminal.finish_reason == FinishReason.EOS
+        grammars = engine._grammars
+        assert grammars is not None and len(grammars._cache) == 2  # bounded LRU
+        key = next(reversed(grammars._cache))
+        compiled = grammars._cache[key]
+        assert grammars.matcher(*key) is not compiled and grammars._cache[key] is compiled
+    finally:
+        await engine.cleanup()
+
+
+async def test_guided_bad_or_unsupported_constraints_are_invalid_argument(
+    model_dir: Path,
+) -> None:
+    pytest.importorskip("llguidance")
+    engine = TransformersEngine.from_args(["--model", str(model_dir)])
+    await engine.start(6)
+    try:
+        bad: list[GuidedDecodingOptions] = [
+            GuidedDecodingOptions(json={"type": "objectx"}),
+            GuidedDecodingOptions(json={"type": "object", "properties": {"a": {"$ref": "#/no"}}}),
+            GuidedDecodingOptions(json="{not json"),
+            GuidedDecodingOptions(json=[1, 2]),
+            GuidedDecodingOptions(regex="a(b"),
+            GuidedDecodingOptions(choice=[]),
+            GuidedDecodingOptions(grammar="start: ("),
+            GuidedDecodingOptions(regex="a", choice=["a"]),
+            GuidedDecodingOptions(structural_tag={"type": "structural_tag"}),
+        ]
+        for guided in bad:
+            req = _request(8)
+            req.sampling_options.guided_decoding = guided
+            await _invalid(engine, req)
+        error = await _invalid(engine, _guided_with({"type": "objectx"}))
+        assert "objectx" in str(error)
+        # Nothing to constrain (only a backend hint) is a plain request.
+        req = _request(4)
+        req.sampling_options.guided_decoding = GuidedDecodingOptions(backend="xgrammar")
+        tokens, _ = await _collect(engine, req)
+        assert len(tokens) == 4
+    finally:
+        await engine.cleanup()
+
+
+@pytest.fixture
+def untokenized_dir(model_dir: Path, tmp_path: Path) -> Path:
+    """``model_dir`` without its tokenizer files."""
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for path in model_dir.iterdir():
+        if not path.name.startswith("tokenizer"):
+            shutil.copy(path, bare / path.name)
+    return bare
+
+
+async def test_guided_unavailable_without_a_tokenizer(untokenized_dir: Path) -> None:
+    engine = TransformersEngine(str(untokenized_dir))
+    config = await engine.start(7)
+    try:
+        assert GUIDED_DECODING_KEY not in config.runtime_data
+        error = await _invalid(engine, _guided())
+        assert "unavailable" in str(error), error
+        tokens, _ = await _collect(engine, _request(2))  # unguided requests still work
+        assert len(tokens) == 2
+    finally:
+        await engine.cleanup()

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from .runtime.loop import run_coroutine
@@ -131,16 +132,19 @@ async def _one(conn: _Conn, path: str, body: bytes, lvl: Level) -> None:
     lvl.requests += 1
 
 
-def _body(model: str, prompt: str, max_tokens: int) -> bytes:
+def _body(model: str, prompt: str, max_tokens: int,
+          extra: dict[str, Any] | None = None) -> bytes:
     return json.dumps({
         "model": model, "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-        "stream_options": {"include_usage": True}}).encode()
+        "stream_options": {"include_usage": True}, **(extra or {})}).encode()
 
 
 async def drive(url: str, model: str, concurrency: int, requests: int, max_tokens: int, *,
-                prompt: str = DEFAULT_PROMPT, api_key: str | None = None) -> Level:
-    """Run one level against ``url`` (the base URL ending in ``/v1``) and return it."""
+                prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
+                extra_body: dict[str, Any] | None = None) -> Level:
+    """Run one level against ``url`` (the base URL ending in ``/v1``) and return it.
+    ``extra_body`` adds fields to every request (e.g. ``tools``)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"bench needs a plain http:// URL ending in /v1, got {url!r}")
@@ -150,9 +154,9 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
     lvl = Level(concurrency)
     try:
         # Warm-up: connections, the tokenizer, the workers.
-        warm = _body(model, prompt, 4)
+        warm = _body(model, prompt, 4, extra_body)
         await asyncio.gather(*(_one(c, path, warm, Level(0)) for c in conns))
-        body = _body(model, prompt, max_tokens)
+        body = _body(model, prompt, max_tokens, extra_body)
         left = requests
 
         async def loop(conn: _Conn) -> None:
@@ -171,7 +175,7 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
 
 def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_tokens: int, *,
                prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
-               echo: bool = True) -> list[Level]:
+               echo: bool = True, extra_body: dict[str, Any] | None = None) -> list[Level]:
     """Run each concurrency level in turn (each with at least as many requests as in flight),
     printing the table as it goes when ``echo``."""
     if echo:
@@ -179,7 +183,7 @@ def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_t
     results = []
     for c in levels:
         lvl = run_coroutine(drive(url, model, c, max(requests, c), max_tokens, prompt=prompt,
-                         api_key=api_key))
+                                  api_key=api_key, extra_body=extra_body))
         results.append(lvl)
         if echo:
             print(lvl.row(), flush=True)

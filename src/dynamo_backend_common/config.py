@@ -166,6 +166,10 @@ class WorkerConfig:
     health_check_timeout_secs: float = 10.0
     #: How many times a frontend may move a broken stream to another worker.
     migration_limit: int = 3
+    #: Parser names advertised in the card (Dynamo's ``tool_call_parser`` /
+    #: ``reasoning_parser``): frontends read this model's tool calls / reasoning with them.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     enable_kv_routing: bool = True
     metrics_labels: dict[str, str] = field(default_factory=dict)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
@@ -213,6 +217,8 @@ class WorkerConfig:
             status_port=None if args.system_port < 0 else args.system_port,
             health_check_payload=_payload_arg(args.health_check_payload),
             migration_limit=args.migration_limit,
+            tool_call_parser=args.tool_call_parser or None,
+            reasoning_parser=args.reasoning_parser or None,
             enable_kv_routing=args.enable_kv_routing,
             metrics_labels=dict(_parse_label(x) for x in args.metrics_label),
             shutdown=ShutdownConfig(router_grace_secs=args.graceful_shutdown_grace_secs),
@@ -413,6 +419,14 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=_env("DYN_SERVED_MODEL_NAME", ""),
                    help="public model name clients use; defaults to the engine's model name "
                         "[DYN_SERVED_MODEL_NAME]")
+    g.add_argument("--tool-call-parser", "--dyn-tool-call-parser", dest="tool_call_parser",
+                   default=_env("DYN_TOOL_CALL_PARSER", ""), metavar="NAME",
+                   help="tool-call parser frontends use for this model (hermes, llama3_json, "
+                        "mistral, pythonic, ...), advertised in the card [DYN_TOOL_CALL_PARSER]")
+    g.add_argument("--reasoning-parser", "--dyn-reasoning-parser", dest="reasoning_parser",
+                   default=_env("DYN_REASONING_PARSER", ""), metavar="NAME",
+                   help="reasoning parser frontends use for this model (deepseek_r1, qwen3, "
+                        "...), advertised in the card [DYN_REASONING_PARSER]")
     g.add_argument("--endpoint-types", default=_env("DYN_ENDPOINT_TYPES", "chat,completions"),
                    help="comma list of OpenAI endpoints served [DYN_ENDPOINT_TYPES] "
                         "(default: %(default)s)")

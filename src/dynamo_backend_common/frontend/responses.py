@@ -237,7 +237,9 @@ class ChatRenderer(_Base):
             choices=[ChatChoice(
                 index=i,
                 message=self._message(i),
-                logprobs=ChatChoiceLogprobs(content=self._lp[i]) if self.logprobs else None,
+                # An engine that sent no log probabilities gets null, not an empty list
+                # that would claim a reply of no tokens.
+                logprobs=ChatChoiceLogprobs(content=self._lp[i]) if self._lp[i] else None,
                 finish_reason=self.finish_reasons[i],
             ) for i in range(self.n)],
             usage=Usage.from_completion_usage(usage) if usage is not None else None,
@@ -326,7 +328,7 @@ class CompletionRenderer(_Base):
             id=self.rid, created=self.created, model=self.model,
             choices=[CompletionChoice(
                 index=i, text="".join(self.text_parts[i]),
-                logprobs=self._lp[i] if self._lp is not None else None,
+                logprobs=self._lp[i] if self._lp is not None and self._lp[i].tokens else None,
                 finish_reason=self.finish_reasons[i]) for i in range(self.n)],
             usage=Usage.from_completion_usage(usage) if usage is not None else None,
         )

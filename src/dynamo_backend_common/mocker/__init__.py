@@ -21,6 +21,7 @@ from .scheduler import (
     StepStats,
     StopRules,
 )
+from .structured import ScriptedSequence, guided_text, instance_for_schema
 
 __all__ = [
     "CostModel",
@@ -30,9 +31,12 @@ __all__ = [
     "MockerEngine",
     "Scheduler",
     "SchedulerConfig",
+    "ScriptedSequence",
     "SeqState",
     "Sequence",
     "StepPlan",
     "StepStats",
     "StopRules",
+    "guided_text",
+    "instance_for_schema",
 ]

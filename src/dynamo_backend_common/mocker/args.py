@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -38,6 +39,10 @@ class MockerArgs:
     max_tokens: int = 64
     #: Sampled token ids are in ``[0, vocab_size)``.
     vocab_size: int = 32000
+    #: Model directory whose ``tokenizer.json`` the mocker loads at start to honour guided
+    #: decoding (json, choice). None, or no such file: no guided decoding. ``from_args``
+    #: defaults it to ``$DYN_MODEL_PATH`` (set by ``dynamo-backend worker --model-path``).
+    model_path: str | None = None
     #: Longest sequence (prompt + output); always capped by the KV capacity of one rank. None:
     #: that cap alone, and the card reports no context length (0), as Dynamo's mocker does, so
     #: both mockers of one model share a pool behind Dynamo's frontend.
@@ -161,6 +166,9 @@ class MockerArgs:
             help="output length of a request that sets no max_tokens")
         add("--vocab-size", type=int, default=d.vocab_size,
             help="sampled token ids are in [0, vocab-size)")
+        add("--model-path", default=os.environ.get("DYN_MODEL_PATH") or None,
+            help="model directory with a tokenizer.json: enables guided decoding (json "
+            "schema, choice) [DYN_MODEL_PATH]")
         add("--context-length", type=int, default=d.context_length,
             help="longest prompt + output (always capped by num-gpu-blocks * block-size; "
             "default: that cap alone, and no context length in the model card)")

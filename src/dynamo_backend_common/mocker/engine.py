@@ -17,9 +17,18 @@ behaviour without a GPU:
   unchanged one again every ``snapshot_heartbeat_ms`` (a router that subscribed late, or lost a
   message, would otherwise never hear from an idle rank).
 
-Single event loop, no threads. Output tokens are ``random.Random(seed)`` draws in
-``[0, vocab_size)`` (seed = ``sampling_options.seed``, else a hash of ``--seed`` and the request
-id), never one of the request's ``eos_token_ids``; see :class:`~.scheduler.StopRules` for stops.
+Single event loop, no threads (but one ``to_thread`` at start to read the tokenizer). Output
+tokens are ``random.Random(seed)`` draws in ``[0, vocab_size)`` (seed = ``sampling_options.seed``,
+else a hash of ``--seed`` and the request id), never one of the request's ``eos_token_ids``; see
+:class:`~.scheduler.StopRules` for stops.
+
+Structured output: with a tokenizer (``tokenizer.json`` in ``--model-path``, default
+``$DYN_MODEL_PATH``) the engine advertises ``runtime_data[GUIDED_DECODING_KEY] = ["json",
+"choice"]`` and a request with ``sampling_options.guided_decoding`` gets, instead of random
+tokens, the encoding of a schema-valid JSON instance (or one of the choices) drawn from the same
+seed (:mod:`.structured`), at the same simulated pace through the same scheduler, ending with
+``eos``. Without a tokenizer nothing is advertised and a guided request raises
+``DynamoError(InvalidArgument)`` saying why.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
+import random
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from typing import Any, Final
@@ -36,6 +47,7 @@ import msgspec
 import xxhash
 
 from ..engine import (
+    GUIDED_DECODING_KEY,
     HEALTH_CHECK_KEY,
     ComponentSnapshot,
     EngineConfig,
@@ -50,6 +62,7 @@ from ..errors import DynamoError
 from ..protocols.common import (
     CompletionUsage,
     FinishReason,
+    GuidedDecodingOptions,
     LLMEngineOutput,
     PreprocessedRequest,
     PromptTokensDetails,
@@ -61,6 +74,7 @@ from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from .args import MockerArgs
 from .kv_manager import KvManager, KvStats
 from .scheduler import Scheduler, Sequence, StepStats, StopRules
+from .structured import ScriptedSequence, guided_text
 
 __all__ = ["MockerEngine"]
 
@@ -69,6 +83,9 @@ log = logging.getLogger("dynamo_backend_common.mocker")
 # When the paced loop falls further behind its schedule than this, it stops trying to catch up
 # (a stalled event loop must not be followed by a burst of back-to-back steps).
 _MAX_LAG_S: Final = 0.05
+
+#: The guided-decoding kinds the mocker honours once it has a tokenizer.
+GUIDED_KINDS: Final = ("json", "choice")
 
 
 class _Rank:
@@ -260,7 +277,12 @@ class MockerEngine(LLMEngine):
       cache hit at admission;
     - a stop of ``ctx`` frees the request's blocks at once and ends the stream with
       ``cancelled``; blocks are also freed when the consumer drops the stream, on errors and
-      by :meth:`abort`.
+      by :meth:`abort`;
+    - ``sampling_options.guided_decoding`` (json schema or choice; see the module docs) is
+      checked before any token: regex, grammar, structural_tag, a schema keyword
+      :func:`~.structured.instance_for_schema` does not cover, or no tokenizer raise
+      ``DynamoError(InvalidArgument)``; a guided stream ends with ``eos`` once the instance is
+      out (``length`` if ``max_tokens`` comes first).
     """
 
     def __init__(self, args: MockerArgs | None = None, **overrides: Any) -> None:
@@ -278,6 +300,10 @@ class MockerEngine(LLMEngine):
         )
         self._state = "new"  # -> "running" -> "closed"
         self._rr = 0
+        # Guided decoding: the tokenizer (a ``tokenizers.Tokenizer``) once start found one, else
+        # why there is none (for the InvalidArgument a guided request gets).
+        self._tokenizer: Any = None
+        self._no_tokenizer = "the mocker is not started"
 
     @classmethod
     def from_args(cls, argv: Seq[str] | None = None) -> MockerEngine:
@@ -289,6 +315,10 @@ class MockerEngine(LLMEngine):
         if self._state != "new":
             raise DynamoError.engine_shutdown(f"mocker engine cannot start: it is {self._state}")
         self._state = "running"
+        # Reading a large tokenizer.json takes ~100 ms: off the event loop.
+        self._tokenizer, self._no_tokenizer = await asyncio.to_thread(
+            _load_tokenizer, self.args.model_path
+        )
         loop = asyncio.get_running_loop()
         for rank in self._ranks:
             rank.task = loop.create_task(rank.run(), name=f"mocker-dp{rank.dp_rank}")
@@ -307,6 +337,9 @@ class MockerEngine(LLMEngine):
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
             data_parallel_size=a.dp_size,
+            runtime_data=(
+                {GUIDED_DECODING_KEY: list(GUIDED_KINDS)} if self._tokenizer is not None else {}
+            ),
         )
 
     async def cleanup(self) -> None:
@@ -356,6 +389,10 @@ class MockerEngine(LLMEngine):
                 f"prompt of {len(prompt)} tokens exceeds max_num_batched_tokens "
                 f"{args.max_num_batched_tokens} and chunked prefill is off"
             )
+        guided = request.sampling_options.guided_decoding
+        script: list[int] | None = None
+        if guided is not None:
+            script = self._guided_script(guided, request, ctx)
         rank = self._pick_rank(request)
         if rank.failure is not None:
             raise DynamoError.engine_shutdown(f"mocker dp_rank {rank.dp_rank} failed")
@@ -376,13 +413,17 @@ class MockerEngine(LLMEngine):
             stop_hidden=frozenset(sc.stop_token_ids_hidden or ()),
             stop_visible=frozenset(sc.stop_token_ids or ()),
         )
-        seed = request.sampling_options.seed
-        if seed is None:
-            seed = xxhash.xxh64_intdigest(ctx.id.encode(), args.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        seq = Sequence(
-            ctx.id, list(prompt), rules,
-            block_size=args.block_size, seed=seed, vocab_size=args.vocab_size,
-        )
+        seed = self._seed(request, ctx)
+        if script is None:
+            seq = Sequence(
+                ctx.id, list(prompt), rules,
+                block_size=args.block_size, seed=seed, vocab_size=args.vocab_size,
+            )
+        else:
+            seq = ScriptedSequence(
+                ctx.id, list(prompt), rules,
+                block_size=args.block_size, seed=seed, vocab_size=args.vocab_size, script=script,
+            )
         wake = asyncio.Event()
         seq.notify = wake.set
         inner = ctx.inner
@@ -424,6 +465,24 @@ class MockerEngine(LLMEngine):
             # Every exit path: finished, cancelled, raised, or the consumer dropped the stream.
             inner.remove_stop_callback(on_stop)
             rank.detach(seq)
+
+    def _seed(self, request: PreprocessedRequest, ctx: GenerateContext) -> int:
+        seed = request.sampling_options.seed
+        if seed is None:
+            seed = xxhash.xxh64_intdigest(ctx.id.encode(), self.args.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return seed
+
+    def _guided_script(
+        self, guided: GuidedDecodingOptions, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> list[int] | None:
+        """The tokens a guided request is answered with (None: nothing to constrain)."""
+        # Its own stream from the request seed: the same seed gives the same instance.
+        text = guided_text(guided, random.Random(self._seed(request, ctx)))
+        if text is None:
+            return None
+        if self._tokenizer is None:
+            raise DynamoError.invalid_argument(f"guided decoding unavailable: {self._no_tokenizer}")
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def _terminal(self, out: LLMEngineOutput, seq: Sequence, delivered: int) -> LLMEngineOutput:
         u: CompletionUsage = usage(seq.prompt_len, delivered)
@@ -496,3 +555,19 @@ class MockerEngine(LLMEngine):
     def num_active_requests(self) -> int:
         """Requests waiting or running, over all ranks."""
         return sum(r.scheduler.num_active for r in self._ranks)
+
+
+def _load_tokenizer(model_path: str | None) -> tuple[Any, str]:
+    """``(tokenizers.Tokenizer, "")`` from ``model_path/tokenizer.json``, else ``(None, why)``."""
+    if not model_path:
+        return None, "the mocker has no tokenizer (give it --model-path DIR with a tokenizer.json)"
+    path = os.path.join(model_path, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None, f"the mocker has no tokenizer: no tokenizer.json in {model_path}"
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path), ""
+    except Exception as exc:  # a corrupt or too-new tokenizer.json must not fail the worker
+        log.warning("mocker: cannot load %s, guided decoding is off: %s", path, exc)
+        return None, f"the mocker cannot load {path}: {exc}"

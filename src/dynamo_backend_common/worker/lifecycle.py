@@ -598,6 +598,8 @@ class Worker:
                     total_kv_blocks=engine_cfg.total_kv_blocks,
                     max_num_seqs=engine_cfg.max_num_seqs,
                     max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
+                    tool_call_parser=cfg.tool_call_parser,
+                    reasoning_parser=cfg.reasoning_parser,
                     data_parallel_size=engine_cfg.data_parallel_size or 1,
                     data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
                     kv_event_publishing_enabled=self._publishes_kv_events,
