@@ -16,9 +16,10 @@ TTFT and ITL distributions as a PNG (``--plot``).
 
 ``--tools`` sends one function tool with every request and starts the frontend with
 ``--tool-call-parser hermes``, so each reply streams through the tool-call parser (the echo
-engine's text holds no calls: this is the parser's cost on content, the common case); compare
-a run with and without it for what a parser costs, and a run against an older checkout for what
-the unused parsers cost.
+engine's text holds no calls: this is the parser's cost on content, the common case). The chat
+template renders the tool into the prompt, which costs by itself; ``--tool-choice none`` sends
+the same prompt without parsing, so ``--tools`` against ``--tools --tool-choice none`` is the
+parser's cost alone. A run against an older checkout gives what the unused parsers cost.
 
 ``--request-plane`` picks the workers' request plane: ``tcp`` (the default: Dynamo 1.6.1's plane
 plus our multiplexed fast path on a second port, which our frontend takes), ``tcp-only``
@@ -158,6 +159,9 @@ def main() -> int:
                    "list to run each and compare")
     p.add_argument("--tools", action="store_true",
                    help="send a tool with every request, frontend --tool-call-parser hermes")
+    p.add_argument("--tool-choice", default="auto", choices=["auto", "none"],
+                   help="with --tools: auto parses every reply, none sends the same prompt "
+                        "unparsed (the difference is the parser's cost)")
     args = p.parse_args()
     levels = parse_levels(args.concurrency)
     planes = [x.strip() for x in args.request_plane.split(",") if x.strip()]
@@ -192,7 +196,7 @@ def main() -> int:
 
 
 def _extra(args: argparse.Namespace) -> dict[str, Any] | None:
-    return {"tools": TOOLS} if args.tools else None
+    return {"tools": TOOLS, "tool_choice": args.tool_choice} if args.tools else None
 
 
 def run_server(args: argparse.Namespace, levels: list[int],

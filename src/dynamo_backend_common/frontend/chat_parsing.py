@@ -192,9 +192,11 @@ class Parsed:
 class ChoiceParser:
     """Reasoning parser, then tool-call parser, over one choice's text deltas.
 
-    ``feed`` / ``finish`` return :class:`Parsed`; concatenating every step's fields gives the
-    same result however the text was split. ``max_calls`` (1 for ``parallel_tool_calls:
-    false``) drops the calls after the first ones; ``tool_calls_made`` counts those returned.
+    ``feed`` returns the step's content as a plain ``str`` when that is all it holds (the
+    common case, kept cheap), else a :class:`Parsed`; ``finish`` always a :class:`Parsed`.
+    Concatenating every step's fields gives the same result however the text was split.
+    ``max_calls`` (1 for ``parallel_tool_calls: false``) drops the calls after the first ones;
+    ``tool_calls_made`` counts those returned.
     """
 
     __slots__ = ("_max_calls", "_reasoning", "_tools", "tool_calls_made")
@@ -206,34 +208,38 @@ class ChoiceParser:
         self._max_calls = max_calls
         self.tool_calls_made = 0
 
-    def feed(self, text: str) -> Parsed:
+    def feed(self, text: str) -> Parsed | str:
         if not text:
-            return Parsed()
+            return ""
+        reasoning = ""
+        content = text
         if self._reasoning is not None:
             reasoning, content = self._reasoning.feed(text)
-        else:
-            reasoning, content = "", text
-        return self._tool_step(reasoning, content, final=False)
+        tp = self._tools
+        calls: list[ToolCall] = []
+        if tp is not None and content:
+            content, calls = tp.feed(content)
+        if not reasoning and not calls:
+            return content
+        return Parsed(reasoning, content, self._limit(calls))
 
     def finish(self) -> Parsed:
         reasoning, content = self._reasoning.finish() if self._reasoning is not None else ("", "")
-        return self._tool_step(reasoning, content, final=True)
-
-    def _tool_step(self, reasoning: str, content: str, *, final: bool) -> Parsed:
-        tp = self._tools
-        if tp is None:
-            return Parsed(reasoning, content)
         calls: list[ToolCall] = []
-        if content:
-            content, calls = tp.feed(content)
-        if final:
+        tp = self._tools
+        if tp is not None:
+            if content:
+                content, calls = tp.feed(content)
             more, tail = tp.finish()
             content += more
             calls += tail
+        return Parsed(reasoning, content, self._limit(calls))
+
+    def _limit(self, calls: list[ToolCall]) -> list[ToolCall]:
         if self._max_calls is not None:
             calls = calls[: max(0, self._max_calls - self.tool_calls_made)]
         self.tool_calls_made += len(calls)
-        return Parsed(reasoning, content, calls)
+        return calls
 
 
 def function_call(call: ToolCall) -> FunctionCall:

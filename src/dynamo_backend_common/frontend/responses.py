@@ -111,16 +111,21 @@ class ChatRenderer(_Base):
         self._reasoning: list[list[str]] = [[] for _ in range(n)]
         self._calls: list[list[ToolCallItem]] = [[] for _ in range(n)]
 
-    def _parse(self, d: StreamDelta) -> Parsed:
+    def _parse(self, d: StreamDelta) -> Parsed | str:
+        """The delta through its choice's parser: a ``str`` when it is plain content."""
         assert self.parsers is not None
         p = self.parsers[d.index]
-        parsed = p.feed(d.text)
-        if d.finish_reason is not None:
-            tail = p.finish()
-            parsed.reasoning += tail.reasoning
-            parsed.content += tail.content
-            parsed.tool_calls += tail.tool_calls
-        return parsed
+        step = p.feed(d.text)
+        if d.finish_reason is None:
+            return step
+        tail = p.finish()
+        if isinstance(step, str):
+            tail.content = step + tail.content
+        else:
+            tail.reasoning = step.reasoning + tail.reasoning
+            tail.content = step.content + tail.content
+            tail.tool_calls = step.tool_calls + tail.tool_calls
+        return tail
 
     def _finish_reason(self, d: StreamDelta) -> str | None:
         fr = d.finish_reason
@@ -130,6 +135,11 @@ class ChatRenderer(_Base):
 
     def _parsed_event(self, d: StreamDelta) -> bytes:
         parsed = self._parse(d)
+        if isinstance(parsed, str):
+            if not self.logprobs:
+                # Plain content (most chunks, also with a parser on): the spliced event.
+                return self._text_event(parsed, d.index) if parsed else b""
+            parsed = Parsed(content=parsed)
         lp = self._logprobs(d)
         out = b""
         if parsed.reasoning or parsed.content or lp:
@@ -205,7 +215,8 @@ class ChatRenderer(_Base):
 
     def add(self, d: StreamDelta) -> None:
         if self.parsers is not None:
-            parsed = self._parse(d)
+            step = self._parse(d)
+            parsed = Parsed(content=step) if isinstance(step, str) else step
             if parsed.content:
                 self.text_parts[d.index].append(parsed.content)
             if parsed.reasoning:
