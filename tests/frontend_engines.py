@@ -67,3 +67,39 @@ class PositionalEngine(LLMEngine):
 
     async def cleanup(self) -> None:
         pass
+
+
+class ScriptedEngine(LLMEngine):
+    """Replies ``--reply TEXT`` (tokenized with the model directory's tokenizer, from
+    ``$DYN_MODEL_PATH``), two tokens per chunk, then ``stop``: for tests of what a frontend
+    makes of a given model output (tool calls, reasoning)."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.ids: list[int] = []
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str]) -> ScriptedEngine:
+        p = argparse.ArgumentParser()
+        p.add_argument("--reply", required=True)
+        return cls(p.parse_args(list(argv)).reply)
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        import os
+
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(os.environ["DYN_MODEL_PATH"], "tokenizer.json"))
+        self.ids = tok.encode(self.reply, add_special_tokens=False).ids
+        return EngineConfig(model="scripted", context_length=2048)
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        ids = self.ids
+        for i in range(0, len(ids), 2):
+            yield chunk.tokens(ids[i:i + 2])
+        yield LLMEngineOutput.stop().with_usage(usage(len(request.token_ids), len(ids)))
+
+    async def cleanup(self) -> None:
+        pass

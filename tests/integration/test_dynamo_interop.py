@@ -93,6 +93,34 @@ def test_dynamo_frontend_serves_our_echo_worker(deployment: Deployment) -> None:
     assert "".join(parts) == comp.choices[0].text
 
 
+SCRIPTED = str(Path(__file__).resolve().parent.parent / "frontend_engines.py") + ":ScriptedEngine"
+TOOL_REPLY = ('Let me look.</think><tool_call>\n{"name": "get_weather", "arguments": '
+              '{"city": "Paris"}}\n</tool_call>')
+TOOLS: list[dict[str, object]] = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("front", ["dynamo", "ours"])
+def test_the_card_s_parsers_drive_either_frontend(deployment: Deployment, front: str) -> None:
+    """Our worker names hermes and deepseek_r1 in its card (Dynamo's runtime_config fields, the
+    tiny template has nothing to detect): both frontends parse its reply with them."""
+    _fe, url = (deployment.dynamo_frontend() if front == "dynamo"
+                else deployment.our_frontend())
+    deployment.our_worker(SCRIPTED, "scripted", "--tool-call-parser", "hermes",
+                          "--reasoning-parser", "deepseek_r1", "--", "--reply", TOOL_REPLY)
+    wait_for_model(url, "scripted")
+    r = client(url).chat.completions.create(
+        model="scripted", max_tokens=64, tools=TOOLS,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    msg = r.choices[0].message
+    calls = msg.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"], msg  # type: ignore[union-attr]
+    assert calls[0].function.arguments.replace(" ", "") == '{"city":"Paris"}'  # type: ignore[union-attr]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert getattr(msg, "reasoning_content", None) == "Let me look."
+
+
 def test_dynamo_frontend_serves_our_mocker_and_a_disconnect_aborts_once(
         deployment: Deployment, tmp_path: Path) -> None:
     _fe, url = deployment.dynamo_frontend()
