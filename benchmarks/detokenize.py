@@ -25,8 +25,8 @@ from collections.abc import Callable
 from tokenizers import Tokenizer
 
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir
 from dynamo_backend_common.frontend.postprocess import IncrementalDetokenizer, StreamPostprocessor
+from dynamo_backend_common.model_dir import ModelDir
 from dynamo_backend_common.protocols.common import LLMEngineOutput
 
 TEXT = (

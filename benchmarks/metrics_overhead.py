@@ -23,13 +23,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynamo_backend_common.engine import ComponentSnapshot
-from dynamo_backend_common.runtime.worker_metrics import (
+from dynamo_backend_common.runtime.metrics import (
     DURATION_BUCKETS,
     ITL_BUCKETS,
     TTFT_BUCKETS,
     FastHistogram,
-    WorkerMetrics,
 )
+from dynamo_backend_common.worker.metrics import WorkerMetrics
 
 LABELS = {
     "dynamo_namespace": "ns", "dynamo_component": "backend", "dynamo_endpoint": "generate",

@@ -54,12 +54,12 @@ from dynamo_backend_common import (
     StopConditions,
     chunk,
 )
-from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
 from dynamo_backend_common.protocols.discovery import InstanceInfo
 from dynamo_backend_common.runtime.context import Context
 from dynamo_backend_common.runtime.transport.dispatch import WorkerClient
 from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, RequestTracker, Worker
+from dynamo_backend_common.worker.config import ShutdownConfig, WorkerConfig
 
 PROBE = "probe"
 

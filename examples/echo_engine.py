@@ -6,6 +6,6 @@ Its source lives in the package (``dynamo_backend_common/echo.py``) so that
 new engine.
 """
 
-from dynamo_backend_common.echo import EchoEngine
+from dynamo_backend_common.engines.echo import EchoEngine
 
 __all__ = ["EchoEngine"]

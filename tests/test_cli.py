@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dynamo_backend_common.cli import load_engine_class
-from dynamo_backend_common.config import WorkerConfig
+from dynamo_backend_common.worker.config import WorkerConfig
 
 
 def cli(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
@@ -23,7 +23,7 @@ def cli(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
 
 def test_a_class_name_that_is_not_there_says_so_and_lists_what_is(tmp_path: Path) -> None:
     f = tmp_path / "eng.py"
-    f.write_text("from dynamo_backend_common.echo import EchoEngine\n"
+    f.write_text("from dynamo_backend_common.engines.echo import EchoEngine\n"
                  "class MyEngine(EchoEngine): pass\n"
                  "class Helper: pass\n"
                  "VALUE = 3\n")

@@ -19,7 +19,7 @@ from dynamo_backend_common import (
     StopConditions,
     usage,
 )
-from dynamo_backend_common.echo import EchoEngine
+from dynamo_backend_common.engines.echo import EchoEngine
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.protocols import convert
 from dynamo_backend_common.testing import (

@@ -14,15 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from dynamo_backend_common.config import (
-    add_plane_args,
-    discovery_url_for_backend,
-    event_url_for_plane,
-    resolve_discovery,
-    resolve_events,
-)
 from dynamo_backend_common.frontend.card_files import materialize
-from dynamo_backend_common.frontend.model_dir import ModelDir, ModelDirError
+from dynamo_backend_common.model_dir import ModelDir, ModelDirError
 from dynamo_backend_common.protocols.codec import to_json
 from dynamo_backend_common.protocols.discovery import (
     CheckedFile,
@@ -36,6 +29,13 @@ from dynamo_backend_common.protocols.discovery import (
     slugify,
 )
 from dynamo_backend_common.runtime.discovery import parse_etcd_endpoints
+from dynamo_backend_common.runtime.planes import (
+    add_plane_args,
+    discovery_url_for_backend,
+    event_url_for_plane,
+    resolve_discovery,
+    resolve_events,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "dynamo-1.6.1" / "discovery"
 TINY = Path(__file__).resolve().parents[1] / "src/dynamo_backend_common/_data/tiny-model"

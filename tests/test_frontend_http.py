@@ -25,19 +25,19 @@ from dynamo_backend_common import (
     PreprocessedRequest,
     chunk,
 )
-from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
-from dynamo_backend_common.echo import EchoEngine
+from dynamo_backend_common.engines.echo import EchoEngine
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir
 from dynamo_backend_common.frontend.server import (
     Frontend,
     FrontendConfig,
     HttpServer,
     dynamo_error_to_request_error,
 )
+from dynamo_backend_common.model_dir import ModelDir
 from dynamo_backend_common.runtime.discovery import open_discovery
 from dynamo_backend_common.worker import Worker
+from dynamo_backend_common.worker.config import ShutdownConfig, WorkerConfig
 
 
 class FailingEngine(LLMEngine):

@@ -16,8 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dynamo_backend_common import Context, PreprocessedRequest, StopConditions
-from dynamo_backend_common.config import ShutdownConfig, WorkerConfig
-from dynamo_backend_common.echo import EchoEngine
 from dynamo_backend_common.engine import (
     ComponentSnapshot,
     EngineConfig,
@@ -26,11 +24,12 @@ from dynamo_backend_common.engine import (
     MetricsCtx,
     PushKvEventSource,
 )
+from dynamo_backend_common.engines.echo import EchoEngine
+from dynamo_backend_common.engines.mocker import MockerEngine
 from dynamo_backend_common.frontend.engine_client import EngineClient
 from dynamo_backend_common.frontend.model_manager import ModelManager
 from dynamo_backend_common.frontend.routing import Router
 from dynamo_backend_common.kv.hashing import block_hashes, local_block_hashes
-from dynamo_backend_common.mocker import MockerEngine
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
 from dynamo_backend_common.protocols.common import LLMEngineOutput, RoutingHints
 from dynamo_backend_common.protocols.kv import (
@@ -51,6 +50,7 @@ from dynamo_backend_common.runtime.events import (
 )
 from dynamo_backend_common.runtime.publishers import KvEventPublisher, SnapshotPublisher
 from dynamo_backend_common.worker import Worker
+from dynamo_backend_common.worker.config import ShutdownConfig, WorkerConfig
 
 
 def _config(bus: str, name: str) -> WorkerConfig:

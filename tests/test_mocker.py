@@ -22,9 +22,7 @@ from dynamo_backend_common import (
     SamplingOptions,
     StopConditions,
 )
-from dynamo_backend_common.errors import BackendError
-from dynamo_backend_common.kv.hashing import block_hashes, local_block_hashes
-from dynamo_backend_common.mocker import (
+from dynamo_backend_common.engines.mocker import (
     CostModel,
     KvManager,
     MockerArgs,
@@ -34,6 +32,8 @@ from dynamo_backend_common.mocker import (
     Sequence,
     StopRules,
 )
+from dynamo_backend_common.errors import BackendError
+from dynamo_backend_common.kv.hashing import block_hashes, local_block_hashes
 from dynamo_backend_common.protocols.common import RoutingHints
 from dynamo_backend_common.protocols.kv import KvRemoved, KvStored, RouterEvent
 from dynamo_backend_common.router import KvIndexer

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dynamo_backend_common import FinishReason, PreprocessedRequest, StopConditions
 from dynamo_backend_common.engine import GenerateContext, PushKvEventSource
-from dynamo_backend_common.mocker import (
+from dynamo_backend_common.engines.mocker import (
     KvManager,
     MockerEngine,
     Scheduler,

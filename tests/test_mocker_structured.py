@@ -24,8 +24,7 @@ from dynamo_backend_common import (
     SamplingOptions,
     StopConditions,
 )
-from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.mocker import (
+from dynamo_backend_common.engines.mocker import (
     KvManager,
     MockerArgs,
     MockerEngine,
@@ -36,6 +35,7 @@ from dynamo_backend_common.mocker import (
     guided_text,
     instance_for_schema,
 )
+from dynamo_backend_common.fixtures import tiny_model_dir
 from dynamo_backend_common.testing import mock_context
 
 FAST: dict[str, Any] = {"speedup_ratio": 0, "check_invariants": True}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir, ModelDirError
+from dynamo_backend_common.model_dir import ModelDir, ModelDirError
 
 MIXED = "héllo wörld 你好 🎉"
 

@@ -524,7 +524,7 @@ def _is_person(obj: Any) -> bool:
 
 
 async def test_the_mocker_answers_json_schema_through_the_frontend() -> None:
-    from dynamo_backend_common.mocker import MockerEngine
+    from dynamo_backend_common.engines.mocker import MockerEngine
 
     async with Stack() as stack:
         await stack.add_worker(MockerEngine(speedup_ratio=0, model_path=MODEL_DIR), "mock",

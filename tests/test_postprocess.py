@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir
 from dynamo_backend_common.frontend.openai_types import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -44,6 +43,7 @@ from dynamo_backend_common.frontend.postprocess import (
     finish_reason_to_openai,
 )
 from dynamo_backend_common.frontend.preprocess import Preprocessor
+from dynamo_backend_common.model_dir import ModelDir
 from dynamo_backend_common.protocols.common import (
     CompletionUsage,
     FinishReason,

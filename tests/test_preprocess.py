@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir
 from dynamo_backend_common.frontend.openai_types import (
     ChatCompletionRequest,
     ChatMessage,
@@ -22,6 +21,7 @@ from dynamo_backend_common.frontend.openai_types import (
     decode_request,
 )
 from dynamo_backend_common.frontend.preprocess import ChatTemplate, Preprocessor
+from dynamo_backend_common.model_dir import ModelDir
 
 BOS = "<|begin_of_text|>"
 

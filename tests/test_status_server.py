@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_backend_common.runtime.status_server import METRICS_CONTENT_TYPE, StatusServer
-from dynamo_backend_common.runtime.worker_metrics import WorkerMetrics
+from dynamo_backend_common.worker.metrics import WorkerMetrics
 
 TIMEOUT = 5.0
 

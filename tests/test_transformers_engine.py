@@ -26,7 +26,7 @@ from dynamo_backend_common import (  # noqa: E402
     StopConditions,
 )
 from dynamo_backend_common.fixtures import tiny_model_dir  # noqa: E402
-from dynamo_backend_common.frontend.model_dir import ModelDir  # noqa: E402
+from dynamo_backend_common.model_dir import ModelDir  # noqa: E402
 from dynamo_backend_common.testing import mock_context, run_conformance  # noqa: E402
 from examples.transformers_engine import TransformersEngine  # noqa: E402
 

@@ -26,13 +26,13 @@ from dynamo_backend_common import (
     PreprocessedRequest,
     StopConditions,
 )
-from dynamo_backend_common.config import DisaggregationMode, ShutdownConfig, WorkerConfig
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.protocols.codec import from_msgpack, to_msgpack
 from dynamo_backend_common.protocols.discovery import InstanceInfo
 from dynamo_backend_common.runtime.transport.dispatch import WorkerClient
-from dynamo_backend_common.runtime.worker_metrics import WorkerMetrics
 from dynamo_backend_common.worker import CONTROL_ENDPOINT, EngineAdapter, RequestTracker, Worker
+from dynamo_backend_common.worker.config import DisaggregationMode, ShutdownConfig, WorkerConfig
+from dynamo_backend_common.worker.metrics import WorkerMetrics
 from tests.worker_engines import LifecycleEngine
 
 TIMEOUT = 10.0

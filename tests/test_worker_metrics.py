@@ -11,11 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from dynamo_backend_common import ComponentSnapshot
-from dynamo_backend_common.runtime.worker_metrics import (
-    ITL_BUCKETS,
-    FastHistogram,
-    WorkerMetrics,
-)
+from dynamo_backend_common.runtime.metrics import ITL_BUCKETS, FastHistogram
+from dynamo_backend_common.worker.metrics import WorkerMetrics
 
 BASE = {
     "dynamo_namespace": "ns",

@@ -31,7 +31,7 @@ from dynamo_backend_common.protocols.kv import (
     RouterEvent,
 )
 from dynamo_backend_common.runtime.publishers import KvEventPublisher
-from dynamo_backend_common.runtime.zmq_kv_relay import (
+from dynamo_backend_common.worker.zmq_kv_relay import (
     VllmAllBlocksCleared,
     VllmBlockRemoved,
     VllmBlockStored,

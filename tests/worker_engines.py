@@ -27,7 +27,7 @@ from dynamo_backend_common import (
     chunk,
     usage,
 )
-from dynamo_backend_common.echo import _stopped_during as _stopped_within
+from dynamo_backend_common.engines.echo import _stopped_during as _stopped_within
 from dynamo_backend_common.runtime.context import Context
 
 log = logging.getLogger("worker_engines")

@@ -27,13 +27,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import add_plane_args
 from .engine import LLMEngine
 from .runtime.loop import run_coroutine
+from .runtime.planes import add_plane_args
 
 ENGINE_ALIASES = {
-    "echo": "dynamo_backend_common.echo:EchoEngine",
-    "mocker": "dynamo_backend_common.mocker:MockerEngine",
+    "echo": "dynamo_backend_common.engines.echo:EchoEngine",
+    "mocker": "dynamo_backend_common.engines.mocker:MockerEngine",
 }
 
 
@@ -105,8 +105,8 @@ def _split_engine_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
-    from .config import WorkerConfig
     from .worker import run
+    from .worker.config import WorkerConfig
 
     cls = load_engine_class(args.engine)
     factory = engine_factory(cls, rest)
@@ -189,10 +189,10 @@ def _openai_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
-    from .config import resolve_discovery, resolve_events
     from .frontend.launcher import serve_frontend
     from .frontend.server import FrontendConfig
     from .log_setup import configure_logging
+    from .runtime.planes import resolve_discovery, resolve_events
 
     if rest:
         raise SystemExit(f"frontend: unknown arguments: {' '.join(rest)}")
@@ -233,7 +233,7 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_worker_args
+    from .worker.config import add_worker_args
 
     parser = argparse.ArgumentParser(
         prog="dynamo-backend",

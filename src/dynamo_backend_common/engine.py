@@ -31,6 +31,7 @@ from .protocols.common import (
     StopConditions,
     usage,
 )
+from .protocols.load import ComponentSnapshot, Metrics
 from .runtime.context import Context
 from .runtime.metrics import EngineMetrics
 from .runtime.publishers import KvEventPublisher, SnapshotPublisher
@@ -248,30 +249,6 @@ class PushKvEventSource:
 
 
 KvEventSource = ZmqKvEventSource | PushKvEventSource
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Worker-level load snapshot. ``None`` means no snapshot yet (publishing is skipped)."""
-
-    kv_used_blocks: int | None = None
-
-
-@dataclass(frozen=True)
-class ComponentSnapshot:
-    """Per-rank snapshot driving the ``dynamo_component_*`` gauges and the router load signal.
-
-    ``kv_cache_hit_rate`` is tri-state: ``None`` = not measured (the gauge is not written),
-    ``0.0`` = measured zero hits.
-    """
-
-    kv_used_blocks: int = 0
-    kv_total_blocks: int = 0
-    #: Fractional cache usage, 0.0..1.0.
-    gpu_cache_usage: float = 0.0
-    #: Fractional prefix cache hit rate, 0.0..1.0, or None when not measured.
-    kv_cache_hit_rate: float | None = None
-    dp_rank: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.model_dir import ModelDir
+from dynamo_backend_common.model_dir import ModelDir
 from tests.integration.test_frontend_server import RunServer, wait_until
 
 _URL = re.compile(r"Frontend serving OpenAI API at (http://\S+/v1)")

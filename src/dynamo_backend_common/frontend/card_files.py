@@ -21,8 +21,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ..model_dir import ModelDirError
 from ..protocols.discovery import CheckedFile, ModelDeploymentCard, blake3_file
-from .model_dir import ModelDirError
 
 __all__ = ["cache_root", "materialize"]
 

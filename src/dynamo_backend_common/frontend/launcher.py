@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model_dir import ModelDir, ModelDirError
+from ..model_dir import ModelDir, ModelDirError
 from .model_manager import WorkerEntry
 from .server import Frontend, FrontendConfig, HttpServer
 

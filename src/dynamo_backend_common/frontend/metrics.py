@@ -17,7 +17,7 @@ Families (labels in braces):
 - ``dynamo_frontend_migrations_total``: streams moved to another worker mid-stream.
 - the router's ``dynamo_frontend_router_*`` families (they share this registry).
 
-Like :mod:`..runtime.worker_metrics`, state is plain numbers folded into metric families at
+Like :mod:`..worker.metrics`, state is plain numbers folded into metric families at
 scrape time (no per-call ``prometheus_client`` locks); everything runs on the event loop thread.
 """
 
@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from ..runtime.worker_metrics import (
+from ..runtime.metrics import (
     DURATION_BUCKETS,
     ITL_BUCKETS,
     TTFT_BUCKETS,

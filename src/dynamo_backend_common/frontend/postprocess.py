@@ -14,9 +14,9 @@ from typing import Final
 
 from tokenizers import Tokenizer
 
+from ..model_dir import ModelDir
 from ..protocols.common import CompletionUsage, FinishReason, LLMEngineOutput, PreprocessedRequest
 from ..protocols.common import usage as make_usage
-from .model_dir import ModelDir
 
 __all__ = [
     "PROMPT_CONTEXT_TOKENS",

@@ -19,6 +19,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..model_dir import ModelDir
 from ..protocols.common import (
     GuidedDecodingOptions,
     OutputOptions,
@@ -27,7 +28,6 @@ from ..protocols.common import (
     StopConditions,
 )
 from .chat_parsing import ToolChoice, resolve_tool_choice
-from .model_dir import ModelDir
 from .openai_types import (
     ChatCompletionRequest,
     ChatMessage,

@@ -58,6 +58,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import GUIDED_DECODING_KEY
 from ..errors import BackendError, DynamoError
+from ..model_dir import ModelDir, ModelDirError
 from ..protocols.common import CompletionUsage, LLMEngineOutput, PreprocessedRequest
 from ..protocols.common import usage as make_usage
 from ..protocols.discovery import ModelDeploymentCard
@@ -68,7 +69,6 @@ from .card_files import materialize
 from .chat_parsing import ChoiceParser, NamedToolParser, RequiredToolParser
 from .engine_client import EngineClient
 from .metrics import FrontendMetrics, RequestTimer
-from .model_dir import ModelDir, ModelDirError
 from .model_manager import ModelEntry, ModelManager
 from .openai_types import (
     ChatCompletionRequest,

@@ -1,4 +1,8 @@
-"""Runtime plumbing: request contexts, publishers, metrics (and, later, discovery/transport)."""
+"""Runtime plumbing shared by workers, engines and frontends: request contexts
+(:mod:`.context`), discovery (:mod:`.discovery`), the request plane (:mod:`.transport`), the
+event plane (:mod:`.events`), KV-event and load publishers (:mod:`.publishers`), metrics
+plumbing (:mod:`.metrics`), plane selection (:mod:`.planes`), the status server and the event
+loop helpers. Nothing here knows about engines, workers or the frontend."""
 
 from .context import Context
 from .metrics import EngineMetrics

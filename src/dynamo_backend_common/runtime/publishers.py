@@ -25,7 +25,7 @@ from ..protocols.kv import (
 )
 
 if TYPE_CHECKING:
-    from ..engine import ComponentSnapshot
+    from ..protocols.load import ComponentSnapshot
 
 
 class _LoopBound:

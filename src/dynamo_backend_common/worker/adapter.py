@@ -24,7 +24,7 @@ from ..validate import validate_stream, validation_enabled
 from .tracker import RequestTracker
 
 if TYPE_CHECKING:
-    from ..runtime.worker_metrics import WorkerMetrics
+    from .metrics import WorkerMetrics
 
 log = logging.getLogger("dynamo_backend_common.worker")
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import msgspec
 
-from ..config import DisaggregationMode, WorkerConfig, env_health_check_payload
 from ..engine import (
     EngineConfig,
     LLMEngine,
@@ -68,8 +67,9 @@ from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ..runtime.status_server import StatusServer
 from ..runtime.transport import RequestPlaneServer
 from ..runtime.transport.callhome import CallHomeServer
-from ..runtime.worker_metrics import WorkerMetrics
 from .adapter import EngineAdapter
+from .config import DisaggregationMode, WorkerConfig, env_health_check_payload
+from .metrics import WorkerMetrics
 from .tracker import RequestTracker
 
 log = logging.getLogger("dynamo_backend_common.worker")
@@ -462,7 +462,7 @@ class Worker:
             if isinstance(source, PushKvEventSource):
                 source.on_ready(publisher)
             elif isinstance(source, ZmqKvEventSource):
-                from ..runtime.zmq_kv_relay import ZmqKvEventRelay
+                from .zmq_kv_relay import ZmqKvEventRelay
 
                 relay = ZmqKvEventRelay(source, publisher, block_size=block_size)
                 await relay.start()
@@ -616,7 +616,7 @@ class Worker:
     def _model_context_length(self) -> int | None:
         if not self.config.model_path:
             return None
-        from ..frontend.model_dir import ModelDirError, model_context_length
+        from ..model_dir import ModelDirError, model_context_length
 
         try:
             return model_context_length(self.config.model_path)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from ..kv.hashing import local_block_hashes, sequence_hash
-from ..protocols.common import FinishReason
+from ...kv.hashing import local_block_hashes, sequence_hash
+from ...protocols.common import FinishReason
 from .kv_manager import KvManager
 
 __all__ = [

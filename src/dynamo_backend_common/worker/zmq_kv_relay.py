@@ -63,7 +63,7 @@ import zmq.asyncio
 from ..engine import ZmqKvEventSource
 from ..errors import DynamoError, ProtocolError
 from ..kv.hashing import XXH3_SEED, local_block_hashes, sequence_hash
-from .publishers import KvEventPublisher
+from ..runtime.publishers import KvEventPublisher
 
 __all__ = [
     "VllmAllBlocksCleared",

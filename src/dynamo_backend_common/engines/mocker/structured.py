@@ -23,8 +23,8 @@ import string
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ..errors import DynamoError
-from ..protocols.common import FinishReason, GuidedDecodingOptions
+from ...errors import DynamoError
+from ...protocols.common import FinishReason, GuidedDecodingOptions
 from .scheduler import Sequence, StopRules
 
 __all__ = [

@@ -46,7 +46,7 @@ from typing import Any, Final
 import msgspec
 import xxhash
 
-from ..engine import (
+from ...engine import (
     GUIDED_DECODING_KEY,
     HEALTH_CHECK_KEY,
     ComponentSnapshot,
@@ -58,8 +58,8 @@ from ..engine import (
     MetricsCtx,
     PushKvEventSource,
 )
-from ..errors import DynamoError
-from ..protocols.common import (
+from ...errors import DynamoError
+from ...protocols.common import (
     CompletionUsage,
     FinishReason,
     GuidedDecodingOptions,
@@ -68,9 +68,9 @@ from ..protocols.common import (
     PromptTokensDetails,
     usage,
 )
-from ..protocols.kv import KvEventData
-from ..runtime.context import Context
-from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
+from ...protocols.kv import KvEventData
+from ...runtime.context import Context
+from ...runtime.publishers import KvEventPublisher, SnapshotPublisher
 from .args import MockerArgs
 from .kv_manager import KvManager, KvStats
 from .scheduler import Scheduler, Sequence, StepStats, StopRules

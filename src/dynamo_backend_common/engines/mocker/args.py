@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from ..errors import DynamoError
+from ...errors import DynamoError
 from .scheduler import CostModel, SchedulerConfig
 
 __all__ = ["MockerArgs"]
@@ -16,7 +16,7 @@ __all__ = ["MockerArgs"]
 
 @dataclass(frozen=True, kw_only=True)
 class MockerArgs:
-    """Every knob of :class:`~dynamo_backend_common.mocker.MockerEngine`.
+    """Every knob of :class:`~dynamo_backend_common.engines.mocker.MockerEngine`.
 
     Invalid values raise ``DynamoError(InvalidArgument)`` at construction.
     """

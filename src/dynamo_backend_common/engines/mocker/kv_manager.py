@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from ..protocols.kv import KvEventData, KvRemoved, KvStored, StoredBlock
+from ...protocols.kv import KvEventData, KvRemoved, KvStored, StoredBlock
 
 __all__ = ["KvManager", "KvStats"]
 
