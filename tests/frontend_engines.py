@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from dynamo_backend_common import (
@@ -50,11 +49,7 @@ class PositionalEngine(LLMEngine):
         base = len(request.token_ids)
         for i in range(n):
             if self.delay_s:
-                try:
-                    async with asyncio.timeout(self.delay_s):
-                        await ctx.stopped()
-                except TimeoutError:
-                    pass
+                await ctx.stopped_within(self.delay_s)
             if ctx.is_stopped():
                 yield LLMEngineOutput.cancelled().with_usage(usage(base, i))
                 return

@@ -156,3 +156,24 @@ def test_kill_after_the_loop_closed_still_records_killed() -> None:
     t.start()
     t.join(5)
     assert ctx.is_killed() and ctx.is_stopped()
+
+
+async def test_stopped_within_returns_at_the_stop_or_the_deadline() -> None:
+    ctx = Context("sw")
+    assert await ctx.stopped_within(0.01) is False  # nobody stopped it
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    loop.call_soon(ctx.stop_generating)
+    assert await ctx.stopped_within(30) is True
+    assert loop.time() - t0 < 5  # woken by the stop, not the 30 s deadline
+    assert await ctx.stopped_within(0) is True  # already stopped: at once
+
+
+async def test_generate_context_stopped_within_delegates() -> None:
+    from dynamo_backend_common import GenerateContext
+
+    inner = Context("g")
+    ctx = GenerateContext(inner)
+    assert await ctx.stopped_within(0) is False
+    inner.kill()
+    assert await ctx.stopped_within(30) is True

@@ -27,7 +27,6 @@ from dynamo_backend_common import (
     chunk,
     usage,
 )
-from dynamo_backend_common.engines.echo import _stopped_during as _stopped_within
 from dynamo_backend_common.runtime.context import Context
 
 log = logging.getLogger("worker_engines")
@@ -110,8 +109,7 @@ class LifecycleEngine(LLMEngine):
             if self.hold is not None:
                 await self.hold.wait()
             for i in range(n):
-                if ctx.is_stopped() or (self.delay_s and await _stopped_within(ctx,
-                                                                               self.delay_s)):
+                if ctx.is_stopped() or (self.delay_s and await ctx.stopped_within(self.delay_s)):
                     yield LLMEngineOutput.cancelled().with_usage(usage(prompt, i))
                     return
                 if i == n - 1:

@@ -33,6 +33,7 @@ from .protocols.common import (
 )
 from .protocols.load import ComponentSnapshot, Metrics
 from .runtime.context import Context
+from .runtime.loop import call_on_loop
 from .runtime.metrics import EngineMetrics
 from .runtime.publishers import KvEventPublisher, SnapshotPublisher
 
@@ -116,6 +117,11 @@ class GenerateContext:
     async def stopped(self) -> None:
         await self._inner.stopped()
 
+    async def stopped_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a stop: ``True`` once stopped, ``False`` on time out
+        (see :meth:`Context.stopped_within`)."""
+        return await self._inner.stopped_within(seconds)
+
     async def killed(self) -> None:
         await self._inner.killed()
 
@@ -139,15 +145,8 @@ class GenerateContext:
         event = self._first_token
         if event is None or event.is_set():
             return
-        loop = self._inner._loop
-        if loop is None or not self._inner._on_loop():
-            if loop is not None:
-                try:
-                    loop.call_soon_threadsafe(event.set)
-                except RuntimeError:  # loop closed: nobody is waiting any more
-                    pass
-                return
-        event.set()
+        inner = self._inner
+        call_on_loop(inner._loop, event.set, loop_thread=inner._thread)
 
     def __repr__(self) -> str:
         return f"GenerateContext({self._inner!r})"

@@ -29,7 +29,6 @@ Serve it: ``dynamo-backend worker --engine echo -- --delay-ms 5``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -107,7 +106,7 @@ class EchoEngine(LLMEngine):
 
         n = 0  # tokens returned so far
         for token in itertools.islice(itertools.cycle(prompt), max_tokens):
-            if ctx.is_stopped() or (self.delay_s and await _stopped_during(ctx, self.delay_s)):
+            if ctx.is_stopped() or (self.delay_s and await ctx.stopped_within(self.delay_s)):
                 yield LLMEngineOutput.cancelled().with_usage(usage(len(prompt), n))
                 return
             if n >= min_tokens:
@@ -153,13 +152,3 @@ class EchoEngine(LLMEngine):
         if self._running:
             self._running = False
             log.info("echo engine stopped")
-
-
-async def _stopped_during(ctx: GenerateContext, seconds: float) -> bool:
-    """Sleep ``seconds`` unless the context stops first; True if it stopped."""
-    try:
-        async with asyncio.timeout(seconds):
-            await ctx.stopped()
-    except TimeoutError:
-        return False
-    return True

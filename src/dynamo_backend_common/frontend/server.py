@@ -854,9 +854,9 @@ class _GenerationResponse(Response):
             return "error"
         if not job.complete:
             job.response_done = True
-            await _send_error(send, RequestError("the stream ended without a finish",
-                                                 status=502, code="StreamIncomplete",
-                                                 type="server_error"))
+            await _send_error(send, RequestError(
+                "the stream ended without a finish", status=502,
+                code=BackendError.StreamIncomplete.value, type="server_error"))
             return "error"
         if job.error is not None:
             job.response_done = True

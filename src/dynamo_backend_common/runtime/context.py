@@ -15,6 +15,8 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from .loop import call_on_loop
+
 
 class Context:
     """Runtime context of one request.
@@ -99,6 +101,21 @@ class Context:
             self._stopped_event = asyncio.Event()
         await self._stopped_event.wait()
 
+    async def stopped_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a stop: ``True`` as soon as the context is stopped (at
+        once if it already is), ``False`` when the time ran out first. The engine's paced
+        wait between steps (a delay that a cancellation cuts short)."""
+        if self._stopped:
+            return True
+        if seconds <= 0:
+            return False
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stopped()
+        except TimeoutError:
+            return False
+        return True
+
     async def killed(self) -> None:
         """Return once the context is killed."""
         if self._killed:
@@ -137,9 +154,7 @@ class Context:
 
     def _hop(self, fn: Callable[[], None], *, killed: bool = False) -> None:
         assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(fn)
-        except RuntimeError:
+        if not call_on_loop(self._loop, fn):
             # The loop is closed: nobody can observe the signal; record it anyway.
             self._stopped = True
             if killed:

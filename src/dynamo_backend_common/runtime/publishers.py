@@ -23,6 +23,7 @@ from ..protocols.kv import (
     RouterEvent,
     StoredBlock,
 )
+from .loop import call_on_loop
 
 if TYPE_CHECKING:
     from ..protocols.load import ComponentSnapshot
@@ -39,13 +40,8 @@ class _LoopBound:
     def _dispatch(self, fn: Callable[[], None]) -> None:
         if self._closed:
             return
-        if self._loop is None or threading.get_ident() == self._thread:
-            fn()
-        else:
-            try:
-                self._loop.call_soon_threadsafe(fn)
-            except RuntimeError:  # loop closed during shutdown: nothing left to deliver to
-                self._closed = True
+        if not call_on_loop(self._loop, fn, loop_thread=self._thread):
+            self._closed = True  # loop closed during shutdown: nothing left to deliver to
 
     def close(self) -> None:
         """Stop delivering; later ``publish`` calls are dropped silently (shutdown)."""

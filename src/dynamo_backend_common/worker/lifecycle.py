@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from ..engine import (
+    HEALTH_CHECK_KEY,
     EngineConfig,
     LLMEngine,
     MetricsCtx,
@@ -657,7 +658,7 @@ class Worker:
         """Send the canary through the same adapter as real requests; record the outcome."""
         assert self._adapter is not None and self._canary is not None
         payload = dict(self._canary)
-        payload["_HEALTH_CHECK"] = True
+        payload[HEALTH_CHECK_KEY] = True
         started = time.perf_counter()
         try:
             request = convert(payload, PreprocessedRequest)

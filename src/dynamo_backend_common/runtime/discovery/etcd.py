@@ -51,6 +51,7 @@ from typing import Any
 
 import httpx
 
+from ..loop import call_on_loop
 from .base import Discovery, DiscoveryError, DiscoveryEvent, resolve_ttl
 
 __all__ = ["EtcdDiscovery"]
@@ -214,8 +215,7 @@ class EtcdDiscovery(Discovery):
             else:
                 return  # stopped by close()
         log.error("etcd lease %x lost: %s", lease_id, reason)
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(self.lease_lost.set)
+        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
 
     # -- KV -----------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> None:

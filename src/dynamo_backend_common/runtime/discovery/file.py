@@ -77,6 +77,7 @@ from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
+from ..loop import call_on_loop
 from ._polled import PolledWatches
 from .base import Discovery, DiscoveryError, DiscoveryEvent, random_instance_id
 
@@ -321,8 +322,7 @@ class FileDiscovery(PolledWatches, Discovery):
     def _lose(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
         self._lost_reason = reason
         log.error("file discovery lease lost: %s; peers may consider this process gone", reason)
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(self.lease_lost.set)
+        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
 
     # -- writes -------------------------------------------------------------------------------
     def _path(self, key: str) -> tuple[str, Path]:

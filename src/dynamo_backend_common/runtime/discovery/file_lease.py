@@ -64,6 +64,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from ..loop import call_on_loop
 from ._polled import PolledWatches
 from .base import Discovery, DiscoveryEvent, random_instance_id
 from .file import default_file_root
@@ -280,8 +281,7 @@ class LeaseFileDiscovery(PolledWatches, Discovery):
         else:
             return  # stopped by close()
         log.error("file discovery lease %s lost: %s", lease.name, reason)
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(self.lease_lost.set)
+        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
 
     # -- writes -------------------------------------------------------------------------------
     def _write_atomic(self, path: Path, data: bytes) -> None:
