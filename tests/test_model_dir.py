@@ -81,11 +81,31 @@ def test_tokenization_round_trip(md: ModelDir) -> None:
 
 
 def test_checksum_is_stable_and_content_sensitive(tmp_path: Path, md: ModelDir) -> None:
-    assert md.checksum.startswith("blake2b:") and len(md.checksum) == len("blake2b:") + 64
+    assert md.checksum.startswith("config.json=blake3:")
     d = copy_model(tmp_path)
     assert ModelDir.load(d).checksum == md.checksum  # independent of the directory's path
     edit_json(d / "generation_config.json", temperature=0.1)
     assert ModelDir.load(d).checksum != md.checksum
+
+
+def test_one_checksum_for_worker_cards_and_frontends(tmp_path: Path) -> None:
+    """The checksum a frontend caches a model under (the worker card's files) is the model
+    directory's own, and an edited chat_template.jinja changes both."""
+    from dynamo_backend_common.protocols.discovery import ModelDeploymentCard, checked_files
+
+    d = copy_model(tmp_path)
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+
+    def card_checksum() -> str:
+        card = ModelDeploymentCard(display_name="m", slug="m", **checked_files(d))
+        from dynamo_backend_common.protocols.discovery import files_checksum
+
+        return files_checksum(card.files())
+
+    before = ModelDir.load(d).checksum
+    assert before == card_checksum() and "chat_template.jinja=blake3:" in before
+    (d / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}!")
+    assert ModelDir.load(d).checksum == card_checksum() != before
 
 
 def test_name_from_config_and_override(tmp_path: Path) -> None:

@@ -545,3 +545,31 @@ async def test_the_mocker_answers_json_schema_through_the_frontend() -> None:
         c = await oa.completions.create(model="mock", prompt="pick", max_tokens=20,
                                         extra_body={"guided_choice": ["left", "right"]})
         assert c.choices[0].text in ("left", "right")
+
+
+async def test_an_edited_chat_template_reaches_a_running_frontend(tmp_path: Any) -> None:
+    """A worker restarted on an edited chat_template.jinja registers a new card checksum, so the
+    running frontend loads the new template instead of serving its cached one."""
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]  # it would win over chat_template.jinja, as in transformers
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").write_text("FIRST {{ messages[0]['content'] }}")
+    async with Stack() as stack:
+        engine = ScriptEngine()
+        worker = await stack.add_worker(engine, "tpl", str(d))
+        oa = client(stack)
+        await oa.chat.completions.create(model="tpl", messages=MESSAGES)
+        assert TOKENIZER.decode(engine.requests[-1].token_ids).startswith("FIRST ")
+        worker.request_shutdown("test")
+        await asyncio.wait_for(stack.tasks[-1], 20)
+        await stack.frontend.models.wait_for(lambda: "tpl" not in stack.frontend.models.models,
+                                             timeout=10)
+        (d / "chat_template.jinja").write_text("SECOND {{ messages[0]['content'] }}")
+        engine2 = ScriptEngine()
+        await stack.add_worker(engine2, "tpl", str(d))
+        await oa.chat.completions.create(model="tpl", messages=MESSAGES)
+        assert TOKENIZER.decode(engine2.requests[-1].token_ids).startswith("SECOND ")

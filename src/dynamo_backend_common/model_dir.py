@@ -8,26 +8,17 @@ Only the files a frontend needs are read (no weights): ``tokenizer.json`` (requi
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from tokenizers import Tokenizer
 
-__all__ = ["CHECKSUM_FILES", "ModelDir", "ModelDirError", "model_context_length"]
+from .protocols.discovery import model_dir_checksum
 
-#: Files hashed into :attr:`ModelDir.checksum`, in this order (absent ones are skipped).
-CHECKSUM_FILES: Final = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "config.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+__all__ = ["ModelDir", "ModelDirError", "model_context_length"]
 
 # Keys that carry the context length in config.json, most specific first.
 _CONTEXT_KEYS: Final = (
@@ -60,8 +51,10 @@ class ModelDir:
     - ``context_length``: from ``config.json`` (``max_position_embeddings``, ``n_positions``,
       ``max_seq_len``, ...; also inside ``text_config``), else ``model_max_length`` from
       ``tokenizer_config.json`` when it is a real limit; ``None`` when unknown.
-    - ``checksum``: ``"blake2b:<hex>"`` over the names and bytes of :data:`CHECKSUM_FILES`, so two
-      workers can tell whether they serve the same tokenizer and template.
+    - ``checksum``: the directory's one checksum
+      (:func:`~dynamo_backend_common.protocols.discovery.files_checksum`, blake3 of each model
+      file), equal to the card checksum of a worker serving it: it changes whenever a model
+      file does, so a frontend never keeps a stale tokenizer or template.
     """
 
     path: Path
@@ -137,23 +130,9 @@ class ModelDir:
             add_bos_token=add_bos if isinstance(add_bos, bool) else None,
             context_length=_context_length(config, tok_cfg, root),
             model_type=_opt_str(config.get("model_type")),
-            checksum=checksum(root),
+            checksum=model_dir_checksum(root),
             special_token_ids=special,
         )
-
-
-def checksum(root: Path, files: Iterable[str] = CHECKSUM_FILES) -> str:
-    """``"blake2b:<hex>"`` over each present file's name and bytes (length-prefixed, so two
-    layouts cannot collide by moving bytes between files)."""
-    h = hashlib.blake2b(digest_size=32)
-    for fname in files:
-        p = root / fname
-        if p.is_file():
-            data = p.read_bytes()
-            h.update(fname.encode())
-            h.update(len(data).to_bytes(8, "little"))
-            h.update(data)
-    return "blake2b:" + h.hexdigest()
 
 
 def _read_json(p: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ own extensions (``InstanceInfo.status_url``, ``RuntimeConfig.supported_controls`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,7 +39,9 @@ __all__ = [
     "blake3_file",
     "checked_files",
     "endpoint_path",
+    "files_checksum",
     "instance_key",
+    "model_dir_checksum",
     "model_key",
     "slugify",
 ]
@@ -260,9 +262,30 @@ class ModelCard(msgspec.Struct, kw_only=True, tag_field="type", tag="Model"):
 
     @property
     def checksum(self) -> str:
-        """One string that changes when any file the card names changes (a cache key)."""
-        files = sorted(self.card_json.files().items())
-        return ",".join(f"{name}={cf.checksum}" for name, cf in files)
+        """One string that changes when any file the card names changes (a cache key):
+        :func:`files_checksum` of the card's files, equal to the ``ModelDir.checksum`` of the
+        directory they came from."""
+        return files_checksum(self.card_json.files())
+
+
+def files_checksum(files: Mapping[str, CheckedFile]) -> str:
+    """The model directory's one checksum: ``name=blake3:<hex>`` of each model file
+    (:data:`MODEL_FILES`), sorted by name and comma-joined. Workers (card files), frontends
+    (the cache of loaded tokenizers and templates) and engines (``mdc_sum``) all use it, so an
+    edited file anywhere in the directory, ``chat_template.jinja`` included, changes it."""
+    return ",".join(f"{name}={cf.checksum}" for name, cf in sorted(files.items()))
+
+
+def model_dir_checksum(model_dir: str | Path) -> str:
+    """:func:`files_checksum` of the model files present in ``model_dir``."""
+    root = Path(model_dir).resolve()
+    files: dict[str, CheckedFile] = {}
+    for _, _, fname in MODEL_FILES:
+        p = root / fname
+        if p.is_file():
+            checksum, size = blake3_file(p)
+            files[fname] = CheckedFile(path=str(p), checksum=checksum, size=size)
+    return files_checksum(files)
 
 
 def blake3_file(path: str | Path) -> tuple[str, int]:
