@@ -19,6 +19,7 @@ from ..errors import ProtocolError
 from ..protocols.codec import from_json
 from ..protocols.discovery import INSTANCES_PREFIX, MODELS_PREFIX, InstanceInfo, ModelCard
 from ..runtime.discovery import Discovery, DiscoveryEvent
+from ..runtime.tasks import TaskSet
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
@@ -61,7 +62,7 @@ class ModelManager:
         self.models: dict[str, ModelEntry] = {}
         self._cards: dict[str, ModelCard] = {}  # suffix key -> card
         self._instances: dict[str, InstanceInfo] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet()
         self._listeners: list[Callable[[str, WorkerEntry, bool], None]] = []
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
@@ -72,16 +73,12 @@ class ModelManager:
         self._listeners.append(fn)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for prefix in (MODELS_PREFIX, INSTANCES_PREFIX):
             full = prefix + (f"{self._namespace}/" if self._namespace else "")
-            self._tasks.append(loop.create_task(self._watch(full, prefix), name=f"watch {full}"))
+            self._tasks.spawn(self._watch(full, prefix), name=f"watch {full}")
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.cancel_all()
 
     async def wait_for_model(self, name: str, *, workers: int = 1, timeout: float = 30.0) -> None:
         """Wait until ``name`` is served by at least ``workers`` workers (tests, start-up)."""

@@ -65,6 +65,7 @@ from ..protocols.discovery import ModelDeploymentCard
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
+from ..runtime.tasks import cancel_and_wait
 from .card_files import materialize
 from .chat_parsing import ChoiceParser, NamedToolParser, RequiredToolParser
 from .engine_client import EngineClient
@@ -356,10 +357,8 @@ class Frontend:
         self._started = True
 
     async def close(self) -> None:
-        for task in self._states.values():
-            task.cancel()
-        await asyncio.gather(*self._states.values(), return_exceptions=True)
-        self._states.clear()
+        states, self._states = list(self._states.values()), {}
+        await cancel_and_wait(states)
         if self.client is not None:
             await self.client.close()
         if self.router is not None:
@@ -734,9 +733,7 @@ class Frontend:
                 else:
                     yield item
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     async def _choice(self, job: _Job, i: int) -> AsyncGenerator[StreamDelta, None]:
         """Choice ``i``'s engine stream through its postprocessor; ends at its finish."""

@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 __all__ = ["METRICS_CONTENT_TYPE", "HealthCallback", "RouteHandler", "StatusServer"]
@@ -154,10 +156,7 @@ class StatusServer:
         if server is None:
             return
         server.close()
-        conns = list(self._conns)
-        for task in conns:
-            task.cancel()
-        await asyncio.gather(*conns, return_exceptions=True)
+        await cancel_and_wait(list(self._conns))
         await server.wait_closed()
 
     # -- built-in routes ----------------------------------------------------------------------

@@ -66,6 +66,7 @@ from ..runtime.events import (
 from ..runtime.loop import run_coroutine
 from ..runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ..runtime.status_server import StatusServer
+from ..runtime.tasks import cancel_and_wait
 from ..runtime.transport import RequestPlaneServer
 from ..runtime.transport.callhome import CallHomeServer
 from .adapter import EngineAdapter
@@ -634,9 +635,7 @@ class Worker:
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+            await cancel_and_wait(waiters)
         if self._discovery.lease_lost.is_set() and not self._shutdown.is_set():
             log.error("discovery lease lost; shutting down")
             self.request_shutdown("lease_lost")

@@ -71,6 +71,7 @@ from ...protocols.common import (
 from ...protocols.kv import KvEventData
 from ...runtime.context import Context
 from ...runtime.publishers import KvEventPublisher, SnapshotPublisher
+from ...runtime.tasks import cancel_and_wait
 from .args import MockerArgs
 from .kv_manager import KvManager, KvStats
 from .scheduler import Scheduler, Sequence, StepStats, StopRules
@@ -348,10 +349,7 @@ class MockerEngine(LLMEngine):
         self._state = "closed"
         for rank in self._ranks:
             rank.stop_all()
-        tasks = [r.task for r in self._ranks if r.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(r.task for r in self._ranks if r.task is not None)
         for rank in self._ranks:
             rank.task = None
             rank.kv_publisher = None

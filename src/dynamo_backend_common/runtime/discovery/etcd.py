@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 
 from ..loop import call_on_loop
+from ..tasks import cancel_and_wait
 from .base import Discovery, DiscoveryError, DiscoveryEvent, resolve_ttl
 
 __all__ = ["EtcdDiscovery"]
@@ -367,10 +368,7 @@ class EtcdDiscovery(Discovery):
         if self._keepalive is not None:
             self._stop_keepalive.set()
             await asyncio.to_thread(self._keepalive.join)
-        tasks = list(self._watch_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._watch_tasks))
         for queue in self._watch_queues:
             queue.put_nowait(None)
         try:

@@ -1,0 +1,56 @@
+"""runtime.tasks: the task-ownership helpers every owner of background tasks uses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dynamo_backend_common.runtime.tasks import TaskSet, cancel_and_wait
+
+
+async def test_cancel_all_cancels_and_awaits_every_running_task() -> None:
+    tasks = TaskSet()
+    ended: list[str] = []
+    started = asyncio.Event()
+
+    async def forever(name: str) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            ended.append(name)
+
+    a = tasks.spawn(forever("a"))
+    b = tasks.spawn(forever("b"))
+    await asyncio.wait_for(started.wait(), 5)
+    assert len(tasks) == 2
+    await tasks.cancel_all()
+    assert sorted(ended) == ["a", "b"] and a.cancelled() and b.cancelled()
+    assert len(tasks) == 0
+    await tasks.cancel_all()  # idempotent
+
+
+async def test_finished_tasks_leave_the_set_and_failures_do_not_cancel_siblings() -> None:
+    tasks = TaskSet()
+
+    async def boom() -> None:
+        raise RuntimeError("x")
+
+    sibling = tasks.spawn(asyncio.Event().wait())
+    failed = tasks.spawn(boom())
+    with pytest.raises(RuntimeError):
+        await failed
+    await asyncio.sleep(0)  # done callbacks run on the next loop step
+    assert list(tasks) == [sibling] and not sibling.done()
+    await tasks.cancel_all()
+    assert sibling.cancelled()
+
+
+async def test_cancel_and_wait_drops_results_and_skips_done_tasks() -> None:
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(1)
+    hung = asyncio.ensure_future(asyncio.Event().wait())
+    await cancel_and_wait([done, hung])
+    assert hung.cancelled() and done.result() == 1
+    await cancel_and_wait([])
