@@ -368,7 +368,7 @@ async def test_lease_stalled_owner_expires_after_ttl(tmp_path: Path) -> None:
         touched = lease.stat().st_mtime_ns
         await wait_until(lambda: lease.stat().st_mtime_ns != touched)
         # Simulate a hung process (same pid, alive): stop its keep-alive thread.
-        owner._stop_keepalive.set()
+        owner._keepalive.stopping.set()
         assert await next_event(watch) == DiscoveryEvent("delete", "k", None)
         assert not lease.exists()  # reaped
         await watch.aclose()

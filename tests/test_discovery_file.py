@@ -242,7 +242,7 @@ async def test_stalled_owner_expires_and_learns_it_lost_the_lease(tmp_path: Path
     async with FileDiscovery(tmp_path, poll_interval=0.02, expire_after=0.6) as reader:
         watch = reader.watch_prefix("v1/")
         assert await next_event(watch) == DiscoveryEvent("put", KEY, b"v")
-        owner._stop_keepalive.set()  # a hung process: same pid, no keep-alive
+        owner._keepalive.stopping.set()  # a hung process: same pid, no keep-alive
         assert await next_event(watch) == DiscoveryEvent("delete", KEY, None)
         assert not (tmp_path / KEY_FILE).exists()  # the reader removed it
         await watch.aclose()

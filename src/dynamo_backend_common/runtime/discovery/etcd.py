@@ -44,15 +44,14 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
 
-from ..loop import call_on_loop
 from ..tasks import cancel_and_wait
+from ._keepalive import KeepAlive
 from .base import Discovery, DiscoveryError, DiscoveryEvent, resolve_ttl
 
 __all__ = ["EtcdDiscovery"]
@@ -122,8 +121,7 @@ class EtcdDiscovery(Discovery):
         self._current = 0  # index of the endpoint that last worked
         self._client: httpx.AsyncClient | None = None
         self._granted_ttl = 0
-        self._stop_keepalive = threading.Event()
-        self._keepalive: threading.Thread | None = None
+        self._keepalive: KeepAlive | None = None
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._watch_queues: set[asyncio.Queue[DiscoveryEvent | None]] = set()
         self._owned: set[str] = set()  # keys this object has put (created or overwritten)
@@ -173,50 +171,7 @@ class EtcdDiscovery(Discovery):
         self._granted_ttl = int(granted.get("TTL", ttl))
         self._instance_id = lease_id
         self._started = True
-        self._keepalive = threading.Thread(
-            target=self._keepalive_loop,
-            args=(asyncio.get_running_loop(), lease_id, self._granted_ttl),
-            name=f"discovery-etcd-keepalive-{lease_id:x}",
-            daemon=True,
-        )
-        self._keepalive.start()
-
-    def _keepalive_loop(self, loop: asyncio.AbstractEventLoop, lease_id: int, ttl: int) -> None:
-        interval = ttl / 3
-        deadline = time.monotonic() + ttl
-        index = self._current
-        wait = interval
-        reason = ""
-        with httpx.Client(trust_env=False) as client:
-            while not self._stop_keepalive.wait(wait):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    reason = f"no successful keep-alive for {ttl}s"
-                    break
-                url = self.endpoints[index] + "/v3/lease/keepalive"
-                try:
-                    response = client.post(
-                        url, json={"ID": str(lease_id)}, timeout=max(0.2, min(interval, remaining))
-                    )
-                    result = response.json().get("result", {})
-                except (httpx.HTTPError, ValueError, AttributeError) as exc:
-                    log.warning("etcd keep-alive of lease %x failed: %s", lease_id, exc)
-                    index = (index + 1) % len(self.endpoints)
-                    wait = min(interval, 0.5)
-                    continue
-                # An expired or revoked lease answers without a TTL (i.e. TTL 0).
-                if response.status_code == 200 and int(result.get("TTL", 0)) > 0:
-                    deadline = time.monotonic() + ttl
-                    wait = interval
-                    continue
-                if response.status_code == 200:
-                    reason = "etcd reports the lease expired"
-                    break
-                wait = min(interval, 0.5)  # e.g. 503 while etcd elects a leader
-            else:
-                return  # stopped by close()
-        log.error("etcd lease %x lost: %s", lease_id, reason)
-        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
+        self._keepalive = _EtcdRenewer(self, lease_id, self._granted_ttl).start()
 
     # -- KV -----------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> None:
@@ -366,8 +321,7 @@ class EtcdDiscovery(Discovery):
         self._closed = True
         self._closing.set()
         if self._keepalive is not None:
-            self._stop_keepalive.set()
-            await asyncio.to_thread(self._keepalive.join)
+            await self._keepalive.stop()
         await cancel_and_wait(list(self._watch_tasks))
         for queue in self._watch_queues:
             queue.put_nowait(None)
@@ -380,3 +334,47 @@ class EtcdDiscovery(Discovery):
         finally:
             if self._client is not None:
                 await self._client.aclose()
+
+
+class _EtcdRenewer:
+    """The state of one etcd lease's renewals (run by a :class:`KeepAlive` thread): its own
+    HTTP client, the endpoint in use (the next one after a failure) and the renewal deadline."""
+
+    def __init__(self, owner: EtcdDiscovery, lease_id: int, ttl: int) -> None:
+        self.owner = owner
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.interval = ttl / 3
+        self.deadline = time.monotonic() + ttl
+        self.index = owner._current
+        self.client = httpx.Client(trust_env=False)
+
+    def start(self) -> KeepAlive:
+        keepalive = KeepAlive(
+            f"discovery-etcd-keepalive-{self.lease_id:x}", self.interval, self.beat,
+            lease_lost=self.owner.lease_lost, on_exit=self.client.close,
+            on_lost=lambda reason: log.error("etcd lease %x lost: %s", self.lease_id, reason))
+        keepalive.start()
+        return keepalive
+
+    def beat(self) -> float | str:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return f"no successful keep-alive for {self.ttl}s"
+        endpoints = self.owner.endpoints
+        url = endpoints[self.index] + "/v3/lease/keepalive"
+        try:
+            response = self.client.post(url, json={"ID": str(self.lease_id)},
+                                        timeout=max(0.2, min(self.interval, remaining)))
+            result = response.json().get("result", {})
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.warning("etcd keep-alive of lease %x failed: %s", self.lease_id, exc)
+            self.index = (self.index + 1) % len(endpoints)
+            return min(self.interval, 0.5)
+        # An expired or revoked lease answers without a TTL (i.e. TTL 0).
+        if response.status_code == 200 and int(result.get("TTL", 0)) > 0:
+            self.deadline = time.monotonic() + self.ttl
+            return self.interval
+        if response.status_code == 200:
+            return "etcd reports the lease expired"
+        return min(self.interval, 0.5)  # e.g. 503 while etcd elects a leader

@@ -77,7 +77,7 @@ from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-from ..loop import call_on_loop
+from ._keepalive import KeepAlive
 from ._polled import PolledWatches
 from .base import Discovery, DiscoveryError, DiscoveryEvent, random_instance_id
 
@@ -253,8 +253,8 @@ class FileDiscovery(PolledWatches, Discovery):
         self._owned: dict[str, _Owned] = {}
         self._owned_lock = threading.Lock()
         self._lost_reason: str | None = None
-        self._stop_keepalive = threading.Event()
-        self._keepalive: threading.Thread | None = None
+        self._keepalive: KeepAlive | None = None
+        self._warned: dict[str, int] = {}  # key -> errno the keep-alive last warned about
         self._made: set[str] = set()  # bucket directories known to exist
         # Change detection (see _refresh).
         self._buckets: dict[str, _Bucket] = {}
@@ -274,55 +274,53 @@ class FileDiscovery(PolledWatches, Discovery):
         self.root.mkdir(parents=True, exist_ok=True)
         self._instance_id = random_instance_id()
         self._started = True
-        self._keepalive = threading.Thread(
-            target=self._keepalive_loop,
-            args=(asyncio.get_running_loop(),),
-            name=f"discovery-dynamo-file-keepalive-{self._instance_id:x}",
-            daemon=True,
-        )
+        self._keepalive = KeepAlive(
+            f"discovery-dynamo-file-keepalive-{self._instance_id:x}", self.keepalive_interval,
+            self._beat, on_lost=self._lose, lease_lost=self.lease_lost)
         self._keepalive.start()
 
-    def _keepalive_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        warned: dict[str, int] = {}  # key -> errno last warned about
-        while not self._stop_keepalive.wait(self.keepalive_interval):
+    def _beat(self) -> float | str:
+        """Touch every owned file (on the keep-alive thread); a ``str`` when the lease is
+        lost."""
+        assert self._keepalive is not None
+        stopping = self._keepalive.stopping
+        warned = self._warned
+        with self._owned_lock:
+            owned = list(self._owned.items())
+        for key, own in owned:
+            if stopping.is_set():
+                break
+            now = time.monotonic()
+            if now - own.touched > self._late_after:
+                return f"{key!r} was not touched for {now - own.touched:.1f}s"
+            try:
+                outcome = _touch(own.path, own.ino)
+            except OSError as exc:
+                if warned.get(key) != exc.errno:
+                    warned[key] = exc.errno or 0
+                    log.warning("file discovery cannot touch %s: %s", own.path, exc)
+                continue
+            warned.pop(key, None)
+            if outcome == "ok":
+                own.touched = now
+                continue
+            if outcome == "missing" and time.monotonic() - own.touched > self._late_after / 2:
+                # Gone while we were late: most likely a peer expired it.
+                return f"{own.path} was removed while its keep-alive was late"
             with self._owned_lock:
-                owned = list(self._owned.items())
-            for key, own in owned:
-                if self._stop_keepalive.is_set():
-                    return
-                now = time.monotonic()
-                if now - own.touched > self._late_after:
-                    self._lose(loop, f"{key!r} was not touched for {now - own.touched:.1f}s")
-                    return
-                try:
-                    outcome = _touch(own.path, own.ino)
-                except OSError as exc:
-                    if warned.get(key) != exc.errno:
-                        warned[key] = exc.errno or 0
-                        log.warning("file discovery cannot touch %s: %s", own.path, exc)
-                    continue
-                warned.pop(key, None)
-                if outcome == "ok":
-                    own.touched = now
-                    continue
-                if outcome == "missing" and time.monotonic() - own.touched > self._late_after / 2:
-                    # Gone while we were late: most likely a peer expired it.
-                    self._lose(loop, f"{own.path} was removed while its keep-alive was late")
-                    return
-                with self._owned_lock:
-                    if self._owned.get(key) is not own:
-                        continue  # deleted or rewritten by this object meanwhile
-                    del self._owned[key]
-                log.info(
-                    "file discovery no longer owns %r: its file was %s by another participant",
-                    key,
-                    "deleted" if outcome == "missing" else "replaced",
-                )
+                if self._owned.get(key) is not own:
+                    continue  # deleted or rewritten by this object meanwhile
+                del self._owned[key]
+            log.info(
+                "file discovery no longer owns %r: its file was %s by another participant",
+                key,
+                "deleted" if outcome == "missing" else "replaced",
+            )
+        return self.keepalive_interval
 
-    def _lose(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+    def _lose(self, reason: str) -> None:
         self._lost_reason = reason
         log.error("file discovery lease lost: %s; peers may consider this process gone", reason)
-        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
 
     # -- writes -------------------------------------------------------------------------------
     def _path(self, key: str) -> tuple[str, Path]:
@@ -737,8 +735,7 @@ class FileDiscovery(PolledWatches, Discovery):
         self._wake_all()
         await self._stop_poller()
         if self._keepalive is not None:
-            self._stop_keepalive.set()
-            await asyncio.to_thread(self._keepalive.join)
+            await self._keepalive.stop()
         with self._owned_lock:
             owned, self._owned = self._owned, {}
         for own in owned.values():  # all at once, as Dynamo does on shutdown

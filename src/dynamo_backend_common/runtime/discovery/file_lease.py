@@ -56,7 +56,6 @@ import secrets
 import select
 import socket
 import stat
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -64,7 +63,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from ..loop import call_on_loop
+from ._keepalive import KeepAlive
 from ._polled import PolledWatches
 from .base import Discovery, DiscoveryEvent, random_instance_id
 from .file import default_file_root
@@ -233,8 +232,8 @@ class LeaseFileDiscovery(PolledWatches, Discovery):
         self._init_polled()
         self._host = socket.gethostname()
         self._pidns = _pid_namespace()
-        self._stop_keepalive = threading.Event()
-        self._keepalive: threading.Thread | None = None
+        self._keepalive: KeepAlive | None = None
+        self._last_touch = 0.0  # monotonic time of the last successful touch of the lease
 
     # -- lease --------------------------------------------------------------------------------
     def _lease_path(self, owner: int) -> Path:
@@ -250,38 +249,32 @@ class LeaseFileDiscovery(PolledWatches, Discovery):
         self._write_atomic(self._lease_path(instance_id), msgspec.json.encode(info))
         self._instance_id = instance_id
         self._started = True
-        self._keepalive = threading.Thread(
-            target=self._keepalive_loop,
-            args=(asyncio.get_running_loop(), self._lease_path(instance_id)),
-            name=f"discovery-file-keepalive-{instance_id:x}",
-            daemon=True,
-        )
+        lease = self._lease_path(instance_id)
+        interval = max(self.ttl / 3, _MIN_KEEPALIVE)
+        self._last_touch = time.monotonic()
+        self._keepalive = KeepAlive(
+            f"discovery-file-keepalive-{instance_id:x}", interval,
+            lambda: self._beat(lease, interval), lease_lost=self.lease_lost,
+            on_lost=lambda reason: log.error("file discovery lease %s lost: %s", lease.name,
+                                             reason))
         self._keepalive.start()
 
-    def _keepalive_loop(self, loop: asyncio.AbstractEventLoop, lease: Path) -> None:
-        interval = max(self.ttl / 3, _MIN_KEEPALIVE)
-        last = time.monotonic()  # last successful touch
-        while not self._stop_keepalive.wait(interval):
-            now = time.monotonic()
-            if now - last > self.ttl:
-                # Starved or failing past the ttl: peers may already have reported our keys
-                # deleted, so do not quietly come back to life.
-                reason = f"no successful keep-alive for {now - last:.1f}s"
-                break
-            try:
-                os.utime(lease)
-            except FileNotFoundError:
-                # Another process reaped it: to everyone else this process is already gone.
-                reason = "lease file was removed"
-                break
-            except OSError as exc:
-                log.warning("file discovery cannot touch %s: %s", lease, exc)
-                continue
-            last = now
-        else:
-            return  # stopped by close()
-        log.error("file discovery lease %s lost: %s", lease.name, reason)
-        call_on_loop(loop, self.lease_lost.set)  # False: the loop is closed, nobody to tell
+    def _beat(self, lease: Path, interval: float) -> float | str:
+        now = time.monotonic()
+        if now - self._last_touch > self.ttl:
+            # Starved or failing past the ttl: peers may already have reported our keys
+            # deleted, so do not quietly come back to life.
+            return f"no successful keep-alive for {now - self._last_touch:.1f}s"
+        try:
+            os.utime(lease)
+        except FileNotFoundError:
+            # Another process reaped it: to everyone else this process is already gone.
+            return "lease file was removed"
+        except OSError as exc:
+            log.warning("file discovery cannot touch %s: %s", lease, exc)
+            return interval
+        self._last_touch = now
+        return interval
 
     # -- writes -------------------------------------------------------------------------------
     def _write_atomic(self, path: Path, data: bytes) -> None:
@@ -580,8 +573,7 @@ class LeaseFileDiscovery(PolledWatches, Discovery):
         for owner in list(self._leases):
             self._untrack_lease(owner)
         if self._keepalive is not None:
-            self._stop_keepalive.set()
-            await asyncio.to_thread(self._keepalive.join)
+            await self._keepalive.stop()
         if self._instance_id is not None:
             me = self._instance_id
 
