@@ -115,3 +115,18 @@ def test_worker_draining_is_an_engine_shutdown() -> None:
     err = WorkerDraining()
     assert isinstance(err, DynamoError) and err.kind is BackendError.EngineShutdown
     assert DynamoError.from_wire(err.to_wire()).kind is BackendError.EngineShutdown
+
+
+def test_every_kind_has_one_http_status() -> None:
+    from dynamo_backend_common.frontend.server import dynamo_error_to_request_error
+
+    table = {k: k.http_status for k in BackendError}
+    assert table == {
+        BackendError.InvalidArgument: 400, BackendError.CannotConnect: 503,
+        BackendError.EngineShutdown: 503, BackendError.Cancelled: 503,
+        BackendError.Disconnected: 502, BackendError.StreamIncomplete: 502,
+        BackendError.ResponseTimeout: 504, BackendError.ConnectionTimeout: 504,
+        BackendError.Unknown: 500}
+    # The frontend answers with the same table.
+    assert all(dynamo_error_to_request_error(DynamoError(k, "m")).status == s
+               for k, s in table.items())

@@ -25,6 +25,28 @@ class BackendError(enum.Enum):
     ConnectionTimeout = "ConnectionTimeout"
     Unknown = "Unknown"
 
+    @property
+    def http_status(self) -> int:
+        """The HTTP status for this kind, the one table every HTTP surface uses (the OpenAI
+        frontend, the worker's engine-control route): ``InvalidArgument`` 400;
+        ``CannotConnect``, ``EngineShutdown``, ``Cancelled`` 503 (try again elsewhere or
+        later); ``Disconnected``, ``StreamIncomplete`` 502; ``ResponseTimeout``,
+        ``ConnectionTimeout`` 504; ``Unknown`` 500."""
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS: dict[BackendError, int] = {
+    BackendError.InvalidArgument: 400,
+    BackendError.CannotConnect: 503,
+    BackendError.EngineShutdown: 503,
+    BackendError.Cancelled: 503,
+    BackendError.Disconnected: 502,
+    BackendError.StreamIncomplete: 502,
+    BackendError.ResponseTimeout: 504,
+    BackendError.ConnectionTimeout: 504,
+    BackendError.Unknown: 500,
+}
+
 
 class DynamoError(Exception):
     """An error with a stable :class:`BackendError` kind, a message and an optional cause chain.

@@ -106,17 +106,6 @@ _encode = msgspec.json.Encoder().encode
 #: Parsers whose markers are special tokens (dropped by ``skip_special_tokens``).
 _SPECIAL_MARKERS: Final = frozenset({"mistral"})
 
-_KIND_STATUS: Final = {
-    BackendError.InvalidArgument: 400,
-    BackendError.CannotConnect: 503,
-    BackendError.EngineShutdown: 503,
-    BackendError.Cancelled: 503,
-    BackendError.Disconnected: 502,
-    BackendError.StreamIncomplete: 502,
-    BackendError.ResponseTimeout: 504,
-    BackendError.ConnectionTimeout: 504,
-    BackendError.Unknown: 500,
-}
 
 
 @dataclass
@@ -179,7 +168,7 @@ class FrontendConfig:
 
 def dynamo_error_to_request_error(exc: DynamoError) -> RequestError:
     """The HTTP error for an engine/transport error: status by kind, ``code`` = the kind."""
-    status = _KIND_STATUS.get(exc.kind, 500)
+    status = exc.kind.http_status
     return RequestError(
         exc.message or exc.kind.value, status=status, code=exc.kind.value,
         type="invalid_request_error" if status < 500 else "server_error")

@@ -738,8 +738,7 @@ class Worker:
         try:
             result = await self.control(req.control, req.body)
         except DynamoError as exc:
-            code = {"InvalidArgument": 400, "EngineShutdown": 503}.get(exc.kind.value, 500)
-            return code, "application/json", to_json(
+            return exc.kind.http_status, "application/json", to_json(
                 {"status": "error", "message": exc.message, "kind": exc.kind.value})
         return 200, "application/json", to_json(result)
 
