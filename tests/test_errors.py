@@ -118,7 +118,7 @@ def test_worker_draining_is_an_engine_shutdown() -> None:
 
 
 def test_every_kind_has_one_http_status() -> None:
-    from dynamo_backend_common.frontend.server import dynamo_error_to_request_error
+    from dynamo_backend_common.frontend.generation import dynamo_error_to_request_error
 
     table = {k: k.http_status for k in BackendError}
     assert table == {

@@ -28,12 +28,9 @@ from dynamo_backend_common import (
 from dynamo_backend_common.engines.echo import EchoEngine
 from dynamo_backend_common.errors import BackendError
 from dynamo_backend_common.fixtures import tiny_model_dir
-from dynamo_backend_common.frontend.server import (
-    Frontend,
-    FrontendConfig,
-    HttpServer,
-    dynamo_error_to_request_error,
-)
+from dynamo_backend_common.frontend.generation import dynamo_error_to_request_error
+from dynamo_backend_common.frontend.http import HttpServer
+from dynamo_backend_common.frontend.server import Frontend, FrontendConfig
 from dynamo_backend_common.model_dir import ModelDir
 from dynamo_backend_common.runtime.discovery import open_discovery
 from dynamo_backend_common.worker import Worker

@@ -1,6 +1,8 @@
 """The OpenAI-compatible frontend: HTTP serving, the per-request pipeline and model discovery.
 
-Submodules: :mod:`.server` (the Starlette app, its routes and :class:`~.server.HttpServer`),
+Submodules: :mod:`.server` (the frontend's configuration, its routes and the request preparation),
+:mod:`.generation` (the per-request pipeline and its streamed or unary response),
+:mod:`.http` (uvicorn on the event loop),
 :mod:`.openai_types` (request and response shapes), :mod:`.request_fields` (which fields are
 honoured), :mod:`.preprocess` (chat template, tokenization, request mapping),
 :mod:`.postprocess` (incremental detokenization, stop strings, finish reasons),

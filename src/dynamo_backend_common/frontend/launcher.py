@@ -29,7 +29,8 @@ from typing import Any
 
 from ..model_dir import ModelDir, ModelDirError
 from .model_manager import WorkerEntry
-from .server import Frontend, FrontendConfig, HttpServer
+from .http import HttpServer
+from .server import Frontend, FrontendConfig
 
 __all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
 

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible HTTP frontend: a Starlette app served by uvicorn.
+"""The OpenAI-compatible HTTP frontend: its configuration, the Starlette app and its routes.
+
+A generation request is decoded, checked and preprocessed here; :mod:`.generation` runs it
+(the per-request pipeline and its response) and :mod:`.http` serves the app with uvicorn.
 
 Routes:
 
@@ -9,7 +12,8 @@ Routes:
   :class:`EngineClient` (failover, migration), detokenize, apply stop strings, and answer with
   one JSON body or an SSE stream ending in ``data: [DONE]``.
 - ``GET /v1/models``: the models discovery currently shows (a model appears with its first worker
-  and disappears with its last).
+  and disappears with its last); ``GET /v1/models/{id}`` one of them.
+- ``POST /tokenize``, ``POST /detokenize``: vLLM's shapes, with the model's tokenizer.
 - ``GET /health`` (200 ``{"status": "healthy", "models": {name: workers}, "instances": [...]}``
   with each worker's address and status URL), ``GET /live``,
   ``GET /metrics`` (Prometheus text; see :mod:`.metrics`).
@@ -35,20 +39,17 @@ any worker is asked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hmac
 import logging
-import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Final, Literal
 
 import msgspec
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -57,10 +58,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..engine import GUIDED_DECODING_KEY
-from ..errors import BackendError, DynamoError
 from ..model_dir import ModelDir, ModelDirError
-from ..protocols.common import CompletionUsage, LLMEngineOutput, PreprocessedRequest
-from ..protocols.common import usage as make_usage
 from ..protocols.discovery import ModelDeploymentCard
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
@@ -69,7 +67,8 @@ from ..runtime.tasks import cancel_and_wait
 from .card_files import materialize
 from .chat_parsing import ChoiceParser, NamedToolParser, RequiredToolParser
 from .engine_client import EngineClient
-from .metrics import FrontendMetrics, RequestTimer
+from .generation import GenerationResponse, Job, job_deltas
+from .metrics import FrontendMetrics
 from .model_manager import ModelEntry, ModelManager
 from .openai_types import (
     ChatCompletionRequest,
@@ -83,24 +82,21 @@ from .openai_types import (
     TokenizeResponse,
     decode_request,
 )
-from .postprocess import StreamDelta, StreamPostprocessor
+from .postprocess import StreamDelta
 from .preprocess import Preprocessed, Preprocessor
 from .reasoning import REASONING_PARSERS, make_reasoning_parser
 from .request_fields import check_fields, guided_kinds
-from .responses import DONE, ChatRenderer, CompletionRenderer, Renderer, sse
+from .responses import ChatRenderer, CompletionRenderer, Renderer
 from .routing import Router
 from .tool_calls import TOOL_CALL_PARSERS, ToolCallParser, detect_tool_call_parser
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Frontend", "FrontendConfig", "HttpServer",
-           "dynamo_error_to_request_error"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Frontend", "FrontendConfig"]
 
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 #: Bodies above this are preprocessed (template + tokenizer) in a thread, off the event loop.
 _OFFLOAD_BYTES: Final = 64 * 1024
-#: Unsent SSE bytes of one stream above which generation waits for the client to read.
-_MAX_BACKLOG: Final = 1024 * 1024
 _encode = msgspec.json.Encoder().encode
 
 #: Parsers whose markers are special tokens (dropped by ``skip_special_tokens``).
@@ -166,14 +162,6 @@ class FrontendConfig:
             raise ValueError("unsupported_fields must be 'reject' or 'ignore'")
 
 
-def dynamo_error_to_request_error(exc: DynamoError) -> RequestError:
-    """The HTTP error for an engine/transport error: status by kind, ``code`` = the kind."""
-    status = exc.kind.http_status
-    return RequestError(
-        exc.message or exc.kind.value, status=status, code=exc.kind.value,
-        type="invalid_request_error" if status < 500 else "server_error")
-
-
 def _error_response(err: RequestError, headers: dict[str, str] | None = None) -> Response:
     return Response(_encode(err.to_response()), status_code=err.status,
                     media_type="application/json", headers=headers)
@@ -186,81 +174,6 @@ class _ModelState:
     #: Resolved parser names for this model (``None``: none).
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
-
-
-class _Job:
-    """One generation request, from preprocessing to the last byte sent.
-
-    With ``n`` > 1 each choice ``i`` is its own engine request (``requests[i]``, its seed
-    offset by ``i`` when one was given) with its own postprocessor and a child context that
-    stops with ``ctx``.
-    """
-
-    __slots__ = ("completion", "ctx", "ctxs", "disconnected", "endpoint", "error", "finished",
-                 "headers_sent", "model", "n", "posts", "pre", "renderer", "requests",
-                 "response_done", "stream", "timed_out", "timeout", "timer", "usage")
-
-    def __init__(self, *, model: str, endpoint: str, stream: bool, pre: Preprocessed,
-                 model_dir: ModelDir, renderer: Renderer, ctx: Context,
-                 timer: RequestTimer) -> None:
-        self.model = model
-        self.endpoint = endpoint
-        self.stream = stream
-        self.pre = pre
-        self.renderer = renderer
-        self.ctx = ctx
-        self.timer = timer
-        request = pre.request
-        n = self.n = request.sampling_options.n or 1
-        if n == 1:
-            self.requests = [request]
-            self.ctxs = [ctx]
-        else:
-            self.requests = [_choice_request(request, i) for i in range(n)]
-            self.ctxs = [Context(f"{ctx.id}-{i}") for i in range(n)]
-            children = self.ctxs
-
-            def stop_children(_: Context) -> None:
-                for c in children:
-                    c.stop_generating()
-
-            ctx.add_stop_callback(stop_children)
-        self.posts = [StreamPostprocessor.for_request(model_dir, r, index=i)
-                      for i, r in enumerate(self.requests)]
-        self.disconnected = False
-        #: Seconds the request may run (``None``: no limit), and whether it ran out.
-        self.timeout: float | None = None
-        self.timed_out = False
-        self.headers_sent = False
-        self.response_done = False
-        # Tally of finished choices (see ``see``).
-        self.finished = 0
-        self.completion = 0
-        self.usage: CompletionUsage | None = None
-        self.error: str | None = None
-
-    def see(self, d: StreamDelta) -> None:
-        """Account for a delta: finished choices, summed usage, the first engine error."""
-        if d.finish_reason is None:
-            return
-        self.finished += 1
-        if d.error is not None and self.error is None:
-            self.error = d.error
-        if d.usage is not None:
-            self.completion += d.usage.completion_tokens
-            # One choice: the engine's usage as is (with its details); several: summed.
-            self.usage = d.usage if self.n == 1 else make_usage(self.pre.prompt_tokens,
-                                                                self.completion)
-
-    @property
-    def complete(self) -> bool:
-        return self.finished >= self.n
-
-
-def _choice_request(request: PreprocessedRequest, i: int) -> PreprocessedRequest:
-    so = request.sampling_options
-    so = msgspec.structs.replace(so, n=None, seed=None if so.seed is None else so.seed + i)
-    return msgspec.structs.replace(request, sampling_options=so)
 
 
 class Frontend:
@@ -619,7 +532,7 @@ class Frontend:
                 rid, created, req.model, include_usage=include_usage, tokenizer=md.tokenizer,
                 logprobs=req.logprobs is not None,
                 echo_text=pre.prompt if req.echo else None, n=req.n or 1)
-        job = _Job(
+        job = Job(
             model=model_label, endpoint=endpoint, stream=stream, pre=pre, model_dir=md,
             renderer=renderer, ctx=ctx,
             timer=self.metrics.request_started(model_label, pre.prompt_tokens, start))
@@ -627,7 +540,7 @@ class Frontend:
         if req.timeout is not None:
             timeout = req.timeout if timeout is None else min(timeout, req.timeout)
         job.timeout = timeout
-        return _GenerationResponse(self, job)
+        return GenerationResponse(job, self.deltas, self.finished)
 
     def _check_guided(self, entry: ModelEntry, pre: Preprocessed,
                       req: ChatCompletionRequest | CompletionRequest) -> None:
@@ -691,60 +604,13 @@ class Frontend:
         # Templates and tokenizers are CPU work: keep long prompts off the event loop.
         return await asyncio.to_thread(run) if size > _OFFLOAD_BYTES else run()
 
-    # -- generation -------------------------------------------------------------------------
-    def deltas(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
-        """The deltas of all the job's choices (merged as they come when ``n`` > 1); ends when
-        every choice finished. Raises the first ``DynamoError`` of any choice."""
-        return self._choice(job, 0) if job.n == 1 else self._merged(job)
-
-    async def _merged(self, job: _Job) -> AsyncGenerator[StreamDelta, None]:
-        queue: asyncio.Queue[StreamDelta | Exception | None] = asyncio.Queue()
-
-        async def pump(i: int) -> None:
-            try:
-                async for d in self._choice(job, i):
-                    queue.put_nowait(d)
-            except Exception as exc:  # handed to the consumer, which owns the outcome
-                queue.put_nowait(exc)
-            finally:
-                queue.put_nowait(None)
-
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(pump(i)) for i in range(job.n)]
-        try:
-            running = job.n
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield item
-        finally:
-            await cancel_and_wait(tasks)
-
-    async def _choice(self, job: _Job, i: int) -> AsyncGenerator[StreamDelta, None]:
-        """Choice ``i``'s engine stream through its postprocessor; ends at its finish."""
+    def deltas(self, job: Job) -> AsyncGenerator[StreamDelta, None]:
+        """The job's deltas through this frontend's engine client (:func:`job_deltas`)."""
         assert self.client is not None
-        post = job.posts[i]
-        timer = job.timer
-        clock = time.perf_counter
-        stream = cast(AsyncGenerator[LLMEngineOutput, None],
-                      self.client.generate(job.model, job.requests[i], job.ctxs[i]))
-        try:
-            async for out in stream:
-                n = len(out.token_ids)
-                if n:
-                    timer.tokens(n, clock())
-                d = post.process(out)
-                yield d
-                if d.finish_reason is not None:
-                    return
-        finally:
-            await stream.aclose()
+        return job_deltas(self.client, job)
 
-    def finished(self, job: _Job, status: str) -> None:
+    def finished(self, job: Job, status: str) -> None:
+        """Record a finished request in the frontend's metrics."""
         self.metrics.request_finished(job.timer, job.model, job.endpoint, job.stream, status,
                                       sum(p.completion_tokens for p in job.posts),
                                       time.perf_counter())
@@ -758,313 +624,3 @@ def _request_id(request: Request) -> str:
     if client_rid and log.isEnabledFor(logging.DEBUG):
         log.debug("request %s: client x-request-id %r", rid, client_rid[:128])
     return rid
-
-
-async def _watch_disconnect(receive: Receive, job: _Job) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not job.response_done:
-                job.disconnected = True
-                job.ctx.stop_generating()
-            return
-
-
-class _GenerationResponse(Response):
-    """Runs a :class:`_Job` while watching for the client leaving; answers JSON or SSE."""
-
-    def __init__(self, frontend: Frontend, job: _Job) -> None:
-        self.frontend = frontend
-        self.job = job
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        job = self.job
-        status = "error"
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, job))
-        # One step for the watcher: a client that left while the body was decoded, the model
-        # directory loaded or the prompt preprocessed is already reported (the server's
-        # ``receive`` answers ``http.disconnect`` at once), so no worker is asked for anything.
-        await asyncio.sleep(0)
-        if job.disconnected:
-            await watcher
-            self.frontend.finished(job, "cancelled")
-            return
-        deltas = self.frontend.deltas(job)
-        deadline = asyncio.timeout(job.timeout)
-        try:
-            try:
-                async with deadline:
-                    status = await (self._stream(deltas, send, deadline) if job.stream
-                                    else self._unary(deltas, send))
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                # Stop the engine request (the worker runs abort), then answer the client.
-                job.timed_out = True
-                job.ctx.stop_generating()
-                status = "error"
-                log.warning("request %s: no finish after the %gs timeout; stopped it",
-                            job.ctx.id, job.timeout)
-                if not job.response_done and not job.headers_sent:
-                    job.response_done = True
-                    await _send_error(send, _timeout_error(job))
-        except Exception:
-            log.exception("request %s failed", job.ctx.id)
-            if not job.response_done and not job.headers_sent:
-                job.response_done = True
-                await _send_error(send, RequestError(
-                    "internal error while generating", status=500, code="internal_error",
-                    type="server_error"))
-        finally:
-            watcher.cancel()
-            await deltas.aclose()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            if job.disconnected:
-                status = "cancelled"
-            self.frontend.finished(job, status)
-
-    async def _unary(self, deltas: AsyncIterator[StreamDelta], send: Send) -> str:
-        job = self.job
-        r = job.renderer
-        try:
-            async for d in deltas:
-                r.add(d)
-                job.see(d)
-                if job.ctx.is_stopped():
-                    return "cancelled"
-        except DynamoError as exc:
-            job.response_done = True
-            await _send_error(send, dynamo_error_to_request_error(exc))
-            return "error"
-        if not job.complete:
-            job.response_done = True
-            await _send_error(send, RequestError(
-                "the stream ended without a finish", status=502,
-                code=BackendError.StreamIncomplete.value, type="server_error"))
-            return "error"
-        if job.error is not None:
-            job.response_done = True
-            await _send_error(send, RequestError(job.error, status=500, code="engine_error",
-                                                 type="server_error"))
-            return "error"
-        body = _encode(r.response(job.usage))
-        job.response_done = True
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", job.ctx.id.encode()),
-        ]})
-        await send({"type": "http.response.body", "body": body})
-        return "success"
-
-    async def _stream(self, deltas: AsyncIterator[StreamDelta], send: Send,
-                      deadline: asyncio.Timeout) -> str:
-        job = self.job
-        r = job.renderer
-        try:
-            first = await anext(deltas)
-        except StopAsyncIteration:
-            first = None
-        except DynamoError as exc:
-            job.response_done = True
-            await _send_error(send, dynamo_error_to_request_error(exc))
-            return "error"
-        if first is not None and first.error is not None:
-            job.response_done = True
-            await _send_error(send, RequestError(first.error, status=500, code="engine_error",
-                                                 type="server_error"))
-            return "error"
-        job.headers_sent = True
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-            (b"x-request-id", job.ctx.id.encode()),
-        ]})
-        status = "success"
-        out = _Coalescer(send)
-        try:
-            out.write(r.start())
-            if first is not None:
-                job.see(first)
-                out.write(self._event(first))
-            if first is not None and not job.complete:
-                async for d in deltas:
-                    if job.ctx.is_stopped():
-                        return "cancelled"
-                    job.see(d)
-                    out.write(self._event(d))
-                    if out.backlog > _MAX_BACKLOG:
-                        await out.drained()
-            if not job.complete:
-                raise DynamoError(BackendError.StreamIncomplete,
-                                  "the stream ended without a finish")
-            if job.error is not None:
-                status = "error"
-            elif r.include_usage and job.usage is not None:
-                out.write(r.usage_event(job.usage))
-        except DynamoError as exc:
-            if job.ctx.is_stopped():
-                return "cancelled"
-            status = "error"
-            out.write(sse(dynamo_error_to_request_error(exc).to_response()))
-        finally:
-            if deadline.expired():
-                # Timed out mid-stream: the error event and [DONE] (the caller stops the engine).
-                out.write(sse(_timeout_error(job).to_response()))
-                job.response_done = True
-            else:
-                job.response_done = not job.ctx.is_stopped()
-            await out.close(DONE if job.response_done else b"")
-        return status
-
-    def _event(self, d: StreamDelta) -> bytes:
-        if d.error is not None:
-            return sse(RequestError(d.error, status=500, code="engine_error",
-                                    type="server_error").to_response())
-        return self.job.renderer.event(d)
-
-
-class _Coalescer:
-    """Sends SSE bytes as few ``http.response.body`` messages as possible, adding no latency.
-
-    :meth:`write` only appends to a buffer and wakes a sender task; the task runs when the
-    producer next waits (for the engine), so every event that was ready at once (a burst of
-    chunks on the request plane) goes out in one message, one ``write`` syscall. A producer
-    with a backlog over :data:`_MAX_BACKLOG` bytes (a slow reader) waits in :meth:`drained`.
-    """
-
-    __slots__ = ("_buf", "_closing", "_drained", "_send", "_task", "_wake")
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self._buf = bytearray()
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._closing = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    @property
-    def backlog(self) -> int:
-        return len(self._buf)
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self._buf += data
-            self._wake.set()
-
-    async def drained(self) -> None:
-        self._drained.clear()
-        if self._buf and not self._task.done():
-            await self._drained.wait()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closing:
-                return
-            data, self._buf = bytes(self._buf), bytearray()
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
-            if not self._buf:
-                self._drained.set()
-
-    async def close(self, last: bytes) -> None:
-        """Stop the sender; send what is left plus ``last`` as the final body message."""
-        self._closing = True
-        self._wake.set()
-        try:
-            await self._task
-        finally:
-            if not self._task.done():
-                self._task.cancel()
-        await self._send({"type": "http.response.body", "body": bytes(self._buf) + last,
-                          "more_body": False})
-
-
-def _timeout_error(job: _Job) -> RequestError:
-    return RequestError(f"the request did not finish within its {job.timeout:g}s timeout; it "
-                        "was stopped", status=504, code=BackendError.ResponseTimeout.value,
-                        type="server_error")
-
-
-async def _send_error(send: Send, err: RequestError) -> None:
-    body = _encode(err.to_response())
-    await send({"type": "http.response.start", "status": err.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-# --------------------------------------------------------------------------- serving
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the owner of the process decides on shutdown."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
-class HttpServer:
-    """Serves an ASGI app with uvicorn on the current event loop.
-
-    The listening socket is bound in :meth:`start`, so :attr:`port` is the real port (also
-    with port 0) and clients may connect as soon as ``start`` returns. :meth:`stop` stops
-    accepting, lets in-flight responses finish for up to ``graceful_s`` seconds, then cancels
-    them. No signal handlers are installed.
-    """
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                 graceful_s: float = 5.0, log_level: str = "warning") -> None:
-        self.host = host
-        self._requested_port = port
-        self.port = port
-        self._config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", log_level=log_level, access_log=False,
-            interface="asgi3",
-            timeout_graceful_shutdown=int(max(1, graceful_s)), server_header=False,
-            ws="none", log_config=None)
-        self._server = _Uvicorn(self._config)
-        self._sock: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def bind(self) -> None:
-        """Bind and listen now (idempotent); :attr:`port` is then final. Connections made
-        before :meth:`start` wait in the backlog."""
-        if self._sock is None:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            self._sock = socket.create_server((self.host, self._requested_port),
-                                              family=family, backlog=2048)
-            self.port = int(self._sock.getsockname()[1])
-
-    async def start(self) -> None:
-        """Bind (unless :meth:`bind` was called) and start serving. Raises ``OSError`` when
-        the address cannot be bound."""
-        self.bind()
-        assert self._sock is not None
-        self._task = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[self._sock]), name="uvicorn")
-
-    async def wait(self) -> None:
-        """Until the server stops (or fails)."""
-        if self._task is not None:
-            await asyncio.shield(self._task)
-
-    async def stop(self) -> None:
-        self._server.should_exit = True
-        try:
-            if self._task is not None:
-                await self._task
-        finally:
-            self._task = None
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
