@@ -44,7 +44,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dynamo_backend_common.bench import Level, parse_levels, run_levels
+from dynamo_backend_common.bench import Level, parse_levels, plot_cdfs, run_levels
 
 _URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 
@@ -112,34 +112,6 @@ def server_cpu(pid: int) -> tuple[float, float]:
     return table.get(pid, (0, 0.0))[1], total
 
 
-def plot(levels: list[Level], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for lvl in levels:
-        for ax, values in ((a, lvl.ttft), (b, lvl.itl)):
-            if values:
-                # Tokens that arrive in one read have a gap of 0: clip for the log axis.
-                xs = sorted(max(v * 1000, 1e-3) for v in values)
-                ys = [(i + 1) / len(xs) for i in range(len(xs))]
-                ax.plot(xs, ys, label=f"concurrency {lvl.concurrency}")
-    a.set_title("TTFT (CDF)")
-    a.set_xlabel("ms")
-    b.set_title("ITL (CDF; gaps of 0, tokens in the same read, drawn at 1 µs)")
-    b.set_xlabel("ms")
-    for ax in (a, b):
-        ax.set_xscale("log")
-        ax.set_ylabel("fraction of observations")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
@@ -179,9 +151,9 @@ def main() -> int:
             r, cpu[plane] = run_server(args, levels, plane)
             results = results or r
     if args.plot and results:
-        plot(results, args.plot,
-             f"e2e: echo engine ({args.delay_ms:g} ms/token), {args.workers} worker(s), "
-             f"{args.max_tokens} tokens/request")
+        plot_cdfs(results, args.plot,
+                  f"e2e: echo engine ({args.delay_ms:g} ms/token), {args.workers} worker(s), "
+                  f"{args.max_tokens} tokens/request")
         print(f"plot saved to {args.plot}")
     ttft_all = [v for lvl in results for v in lvl.ttft]
     if ttft_all:

@@ -256,3 +256,33 @@ class CoroutineGenerateEngine(GoodEngine):
 
 class ManyFaultsEngine(EmptyModelEngine, ChunkAfterTerminalEngine, NotIdempotentCleanupEngine):
     """Three independent faults at once: the report must list all of them."""
+
+
+class SlowStartEngine(GoodEngine):
+    """Conforms, but ``start`` takes ``--start-seconds`` (default 1.0), as loading weights does:
+    it passes only when the start bound is larger than that."""
+
+    def __init__(self, start_seconds: float = 1.0) -> None:
+        super().__init__()
+        self.start_seconds = start_seconds
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> SlowStartEngine:
+        if argv[:1] == ["--start-seconds"]:
+            return cls(float(argv[1]))
+        return cls()
+
+    async def start(self, worker_id: int) -> EngineConfig:
+        await asyncio.sleep(self.start_seconds)  # the slow load under test, not a synchronisation
+        return await super().start(worker_id)
+
+
+class HangingEngine(GoodEngine):
+    """Starts, then never yields a first chunk and never looks at the context: every stream
+    hangs until the kit's timeout, starting with ``single_generate``."""
+
+    async def generate(
+        self, request: PreprocessedRequest, ctx: GenerateContext
+    ) -> AsyncIterator[LLMEngineOutput]:
+        await asyncio.Event().wait()  # nothing ever sets it
+        yield LLMEngineOutput.stop()

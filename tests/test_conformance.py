@@ -25,8 +25,10 @@ from dynamo_backend_common.protocols import convert
 from dynamo_backend_common.testing import (
     CHECKS,
     CancellingContext,
+    CheckProgress,
     ConformanceReport,
     cancelling_context,
+    check_engine,
     default_request,
     mock_context,
     run_conformance,
@@ -330,6 +332,76 @@ def test_plugin_context_fixtures(
 ) -> None:
     assert mock_context("x").id == "x"
     assert cancelling_context(0).is_stopped()
+
+
+# -- start timeout, progress, the sync helper ----------------------------------------------------
+async def test_start_timeout_bounds_start_apart_from_the_step_timeout() -> None:
+    # start() takes 0.6 s; every other step of this engine takes milliseconds.
+    report = await run_conformance(lambda: b.SlowStartEngine(0.6), timeout=0.3)
+    assert report.kinds == {"StartFailed"}  # start_timeout defaults to timeout
+    (failure,) = report.failures
+    assert "within 0.3s" in failure.message and "start_timeout" in failure.message
+    report = await run_conformance(lambda: b.SlowStartEngine(0.6), timeout=0.3, start_timeout=30)
+    assert report.ok, str(report)
+
+
+async def test_run_conformance_rejects_non_positive_bounds() -> None:
+    for kwargs in ({"timeout": 0}, {"start_timeout": -1.0}, {"cancel_timeout": float("nan")}):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            await run_conformance(EchoEngine, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_progress_tells_each_check_as_it_starts_and_ends() -> None:
+    events: list[CheckProgress] = []
+    report = await run_conformance(EchoEngine, progress=events.append)
+    assert report.ok
+    assert [(e.check, e.status) for e in events] == [
+        (c, s) for c in CHECKS for s in ("running", "ok")
+    ]
+    assert all(e.seconds >= 0 for e in events)
+
+
+async def test_progress_names_the_running_check_before_it_ends() -> None:
+    events: list[CheckProgress] = []
+    seen_while_running: list[str] = []
+
+    def progress(event: CheckProgress) -> None:
+        events.append(event)
+        if event.status == "running":
+            seen_while_running.append(event.check)
+
+    report = await run_conformance(b.HangingEngine, progress=progress, **FAST)
+    assert not report.ok
+    single = [e for e in events if e.check == "single_generate"]
+    assert [e.status for e in single] == ["running", "FAIL"]
+    assert single[1].seconds >= FAST["timeout"] * 0.9
+    assert {f.kind for f in single[1].failures} == {"NoTerminalChunk"}
+    assert seen_while_running == list(CHECKS)
+
+
+async def test_progress_reports_skips_without_a_running_event() -> None:
+    events: list[CheckProgress] = []
+    await run_conformance(b.FailingStartEngine, progress=events.append, **FAST)
+    skipped = [e for e in events if e.status == "skip"]
+    assert [e.check for e in skipped] == list(CHECKS[1:8])
+    assert all("started engine" in e.reason for e in skipped)
+    assert not [e for e in events if e.status == "running" and e.check in CHECKS[1:8]]
+
+
+def test_check_engine_is_a_plain_function_that_asserts() -> None:
+    report = check_engine(EchoEngine)
+    assert report.passed == list(CHECKS)
+    with pytest.raises(AssertionError) as info:
+        check_engine(b.ManyFaultsEngine, **FAST)
+    assert "EmptyModelInConfig" in str(info.value) and "SecondCleanupFailed" in str(info.value)
+    with pytest.raises(AssertionError, match="StartFailed"):
+        check_engine(lambda: b.SlowStartEngine(0.6), timeout=0.3)
+    assert check_engine(lambda: b.SlowStartEngine(0.6), timeout=0.3, start_timeout=30).ok
+
+
+async def test_check_engine_in_an_async_test_says_what_to_use_instead() -> None:
+    with pytest.raises(RuntimeError, match="await run_conformance"):
+        check_engine(EchoEngine)
 
 
 # -- the example engine's own behaviour ---------------------------------------------------------

@@ -308,7 +308,7 @@ def test_make_policy() -> None:
         "round_robin",
     }
     with pytest.raises(ValueError, match="unknown routing policy"):
-        make_policy("least_loaded")
+        make_policy("fastest_guess")
     with pytest.raises(ValueError, match="block_size"):
         make_policy("kv")
     with pytest.raises(TypeError):

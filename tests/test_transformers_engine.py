@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,36 +28,22 @@ from dynamo_backend_common import (  # noqa: E402
     SamplingOptions,
     StopConditions,
 )
-from dynamo_backend_common.fixtures import tiny_model_dir  # noqa: E402
+from dynamo_backend_common.fixtures import make_tiny_llama  # noqa: E402
 from dynamo_backend_common.model_dir import ModelDir  # noqa: E402
 from dynamo_backend_common.testing import mock_context, run_conformance  # noqa: E402
 from examples.transformers_engine import TransformersEngine  # noqa: E402
+from tests.test_readme import tiny_model_commands  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 PROMPT = [5, 17, 300, 42, 99, 7]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with the bundled tiny tokenizer's vocabulary, saved with its tokenizer."""
-    tok_dir = Path(tiny_model_dir())
-    vocab = ModelDir.load(tok_dir).tokenizer.get_vocab_size()
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
-    return out
+    """A 2-layer Llama with the bundled tiny tokenizer's vocabulary, saved with its tokenizer
+    (the builder ``scripts/make_tiny_model.py`` uses too)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _request(max_tokens: int, **sampling: object) -> PreprocessedRequest:
@@ -335,3 +324,35 @@ async def test_guided_unavailable_without_a_tokenizer(untokenized_dir: Path) -> 
         assert len(tokens) == 2
     finally:
         await engine.cleanup()
+
+
+def test_make_tiny_model_script_as_the_readme_runs_it(tmp_path: Path, model_dir: Path) -> None:
+    """README's ``python scripts/make_tiny_model.py DEST`` (from a clone's root) writes a
+    directory that transformers loads, the frontend reads, and the greedy model does not end
+    at once on EOS; it is the fixture's model (one builder, one seed)."""
+    make, _serve = tiny_model_commands()
+    python, script, _dest = shlex.split(make)
+    assert python == "python"
+    dest = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, script, str(dest)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(dest)
+    assert {p.name for p in dest.iterdir()} >= {
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"}
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(dest)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dest)
+    card = ModelDir.load(dest)  # what the frontend reads
+    assert model.config.vocab_size == card.tokenizer.get_vocab_size() == len(tokenizer)
+    assert card.chat_template
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                         dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert len(out[0]) - len(ids) == 8  # no EOS: a newcomer's first reply is not empty

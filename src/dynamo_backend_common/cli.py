@@ -10,15 +10,18 @@ Subcommands:
 - ``bench [--url URL] [--model NAME] [--concurrency 1,64] [--requests N]``: load-test a running
   OpenAI-compatible server (requests/s, tokens/s, TTFT and ITL p50/p99).
 
-``SPEC`` is ``echo``, ``mocker``, ``package.module:Class`` or ``path/to/file.py:Class``. Flags
-the worker does not know are passed to the engine's ``from_args(argv)`` classmethod when it has
-one.
+``SPEC`` is ``echo``, ``mocker``, ``package.module:Class`` or ``path/to/file.py:Class`` (the
+file's folder is put on ``sys.path`` first, as ``python file.py`` would, so an engine split over
+several files next to each other imports). Engine flags go after ``--`` and are passed to the
+engine's ``from_args(argv)`` classmethod; a flag before ``--`` that the command does not know
+(a typo such as ``--served-model-nam``, an abbreviation) is an error, never an engine flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -38,7 +41,13 @@ ENGINE_ALIASES = {
 
 
 def load_engine_class(spec: str) -> type[LLMEngine]:
-    """Resolve an engine spec to its class; raises ``SystemExit`` with a clear message."""
+    """Resolve an engine spec to its class; raises ``SystemExit`` with a clear message.
+
+    ``file.py:Class`` loads the file as module ``file`` with the file's folder on ``sys.path``
+    (front, unless already there), so ``from helper import x`` finds ``helper.py`` beside it.
+    A missing ``Class`` says "not found" and lists the ``LLMEngine`` subclasses the module
+    defines; a name that is not an ``LLMEngine`` subclass says so.
+    """
     target = ENGINE_ALIASES.get(spec, spec)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -47,6 +56,9 @@ def load_engine_class(spec: str) -> type[LLMEngine]:
     try:
         if module_name.endswith(".py") or os.sep in module_name:
             path = os.path.abspath(module_name)
+            folder = os.path.dirname(path)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             mod_spec = importlib.util.spec_from_file_location(
                 os.path.splitext(os.path.basename(path))[0], path
             )
@@ -64,8 +76,8 @@ def load_engine_class(spec: str) -> type[LLMEngine]:
         found = sorted(n for n, v in vars(module).items()
                        if inspect.isclass(v) and issubclass(v, LLMEngine) and v is not LLMEngine
                        and v.__module__ == module.__name__)
-        raise SystemExit(f"no {attr!r} in {module_name!r}; LLMEngine subclasses defined there: "
-                         f"{', '.join(found) or 'none'}")
+        raise SystemExit(f"class {attr!r} not found in {module_name!r}; LLMEngine subclasses "
+                         f"defined there: {', '.join(found) or 'none'}")
     if not (inspect.isclass(cls) and issubclass(cls, LLMEngine)):
         what = f"class {cls.__name__}" if inspect.isclass(cls) else type(cls).__name__
         raise SystemExit(f"{target!r} is a {what}, not an LLMEngine subclass")
@@ -114,30 +126,83 @@ def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
         config = WorkerConfig.from_args(args)
     except ValueError as exc:  # a bad flag value: one line, not a traceback
         raise SystemExit(f"dynamo-backend worker: {exc}") from None
-    if config.model_path:
-        # Engines that load weights find the worker's --model-path here (from_args defaults).
-        os.environ["DYN_MODEL_PATH"] = config.model_path
-    return run(factory, config)
+    return run(factory, config)  # exports --model-path as $DYN_MODEL_PATH for the engine
 
 
 def _cmd_conformance(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the kit; progress goes to stderr as it happens, the report to stdout at the end.
+
+    Each check's name is printed (flushed) when it starts and completed with ``ok``/``FAIL``/
+    ``skip`` and its time when it ends, so a hanging engine shows the check it hangs in at once.
+    """
     from .log_setup import configure_logging
-    from .testing import run_conformance
+    from .testing import CheckProgress, run_conformance
+
+    for flag, value in (("--timeout", args.timeout), ("--start-timeout", args.start_timeout)):
+        if value is not None and not value > 0:
+            args.command_parser.error(f"{flag} must be a positive number of seconds")
+
+    started: set[str] = set()
+
+    def show(event: CheckProgress) -> None:
+        label = f"  {event.check} ".ljust(26, ".") + " "
+        if event.status == "running":
+            started.add(event.check)
+            print(label, end="", file=sys.stderr, flush=True)
+            return
+        kinds = ", ".join(dict.fromkeys(f.kind for f in event.failures))
+        line = "" if event.check in started else label  # a skipped check never started
+        if event.status == "skip":
+            line += f"skip: {event.reason}"
+        else:
+            line += f"{event.status} {event.seconds:.2f}s" + (f" ({kinds})" if kinds else "")
+        print(line, file=sys.stderr, flush=True)
 
     configure_logging("warning")
     cls = load_engine_class(args.engine)
     factory = engine_factory(cls, rest)
-    report = asyncio.run(run_conformance(factory))
+    report = asyncio.run(run_conformance(factory, timeout=args.timeout,
+                                         start_timeout=args.start_timeout, progress=show))
     print(report)
     return 0 if report.ok else 1
 
 
 def _router_args(p: argparse.ArgumentParser) -> None:
-    from .frontend.routing import ROUTER_MODES
+    from .frontend.routing import HEADER_WORKER_INSTANCE_ID, normalize_router_mode
 
-    p.add_argument("--router-mode", default=os.environ.get("DYN_ROUTER_MODE", "round_robin"),
-                   choices=list(ROUTER_MODES),
-                   help="how requests pick a worker [DYN_ROUTER_MODE] (default: %(default)s)")
+    def router_mode(value: str) -> str:
+        try:
+            return normalize_router_mode(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def seconds(value: str) -> float:
+        ttl = float(value)
+        if not ttl > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+        return ttl
+
+    env = os.environ.get
+    p.add_argument("--router-mode", type=router_mode, metavar="MODE",
+                   default=env("DYN_ROUTER_MODE", "round_robin"),
+                   help="how requests pick a worker: round_robin (in turn), random, "
+                        "power_of_two (of two random workers, the one with fewer requests in "
+                        "flight), least_loaded (the fewest requests in flight), kv (KV-cache "
+                        "aware), direct (the worker the request names in the "
+                        f"{HEADER_WORKER_INSTANCE_ID} header); Dynamo's spellings round-robin, "
+                        "power-of-two, least-loaded are accepted too [DYN_ROUTER_MODE] "
+                        "(default: %(default)s)")
+    p.add_argument("--kv-events", "--router-kv-events", dest="kv_events",
+                   action=argparse.BooleanOptionalAction,
+                   default=env("DYN_ROUTER_USE_KV_EVENTS", env("DYN_KV_EVENTS", "1")).strip()
+                   .lower() not in ("0", "false", "no", "off"),
+                   help="kv mode: index the workers' KV events; --no-kv-events predicts each "
+                        "worker's cache from the routing decisions instead, no event plane "
+                        "needed [DYN_ROUTER_USE_KV_EVENTS] (default: on)")
+    p.add_argument("--router-ttl", "--router-ttl-secs", dest="router_ttl_secs", type=seconds,
+                   default=env("DYN_ROUTER_TTL", "120"), metavar="SECONDS",
+                   help="kv mode with --no-kv-events: how long a routed prompt's blocks count "
+                        "as cached on its worker [DYN_ROUTER_TTL] (default: %(default)s)")
     p.add_argument("--kv-overlap-weight", type=float, default=1.0,
                    help="kv mode: weight of prefix-cache overlap against load "
                         "(default: %(default)s)")
@@ -181,8 +246,10 @@ def _http_args(p: argparse.ArgumentParser, port_default: int) -> None:
 
 
 def _openai_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`FrontendConfig` fields of :func:`_openai_args`."""
-    return {"tool_call_parser": args.tool_call_parser,
+    """The :class:`FrontendConfig` fields of :func:`_openai_args` and the KV-router flags that
+    ``frontend`` and ``run`` share."""
+    return {"kv_events": args.kv_events, "router_ttl_secs": args.router_ttl_secs,
+            "tool_call_parser": args.tool_call_parser,
             "reasoning_parser": args.reasoning_parser,
             "request_timeout": args.request_timeout,
             "unsupported_fields": args.unsupported_fields}
@@ -232,6 +299,34 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(args)
 
 
+#: ``--served-model-name``'s help, the same text under ``worker`` and ``run`` (one rule, told
+#: once; docs/worker.md "Served model name" says it at length).
+SERVED_MODEL_NAME_HELP = (
+    "the model name clients send [DYN_SERVED_MODEL_NAME]. Default under run: the model "
+    "directory's name (config.json's _name_or_path, else the folder name), which run passes "
+    "to each worker. Default under worker: the engine's EngineConfig.served_model_name, else "
+    "EngineConfig.model (--model-path does not name the model)")
+
+_ENGINE_COMMANDS = ("worker", "run", "conformance")
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit 2 (argparse's usage error) naming ``unknown``, the arguments before ``--`` that
+    ``parser`` did not take, with the closest real flag for each typo or abbreviation."""
+    flags = [o for a in parser._actions for o in a.option_strings]
+    hints = []
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{arg.split('=', 1)[0]}: did you mean {close[0]}?")
+    msg = "; ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints])
+    if command in _ENGINE_COMMANDS:
+        msg += (f"; engine flags go after --: dynamo-backend {command} --engine SPEC "
+                f"[{command} flags] -- [engine flags]")
+    parser.error(msg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .worker.config import add_worker_args
 
@@ -244,22 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "worker",
         help="serve one engine as a worker",
-        description="Serve one engine as a worker. Unknown flags (or everything after --) go to "
-        "the engine's from_args().",
+        description="Serve one engine as a worker. Arguments after -- go to the engine's "
+        "from_args(); an unknown flag before -- is an error.",
     )
     w.add_argument("--engine", required=True,
                    help="echo | mocker | package.module:Class | path/file.py:Class")
     add_worker_args(w)
-    w.set_defaults(func=_cmd_worker)
+    for action in w._actions:
+        if action.dest == "served_model_name":
+            action.help = SERVED_MODEL_NAME_HELP
+    w.set_defaults(func=_cmd_worker, command_parser=w)
     c = sub.add_parser(
         "conformance",
         help="check an engine against the LLMEngine contract",
         description="Run the conformance kit against an engine and print the report; exit 1 "
-        "on any failure.",
+        "on any failure. Arguments after -- go to the engine's from_args().",
     )
     c.add_argument("--engine", required=True,
                    help="echo | mocker | package.module:Class | path/file.py:Class")
-    c.set_defaults(func=_cmd_conformance)
+    c.add_argument("--start-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long the engine's start() may take (default: --timeout); raise it "
+                        "for an engine that loads weights")
+    c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="bound on every other step of a check: one stream or batch of streams, "
+                        "each cleanup() (default: %(default)s)")
+    c.set_defaults(func=_cmd_conformance, command_parser=c)
+    c.allow_abbrev = False
 
     f = sub.add_parser(
         "frontend",
@@ -283,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kv mode: skip workers whose KV usage is above this fraction")
     f.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body accepted, 413 beyond (default: %(default)s)")
-    f.set_defaults(func=_cmd_frontend)
+    f.set_defaults(func=_cmd_frontend, command_parser=f)
     f.allow_abbrev = False
 
     r = sub.add_parser(
@@ -298,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None,
                    help="model directory (HF layout: tokenizer.json, tokenizer_config.json); "
                         "default: the bundled tiny model")
-    r.add_argument("--served-model-name", default=None,
-                   help="model name clients use (default: the model directory's name)")
+    r.add_argument("--served-model-name",
+                   default=os.environ.get("DYN_SERVED_MODEL_NAME", "").strip() or None,
+                   help=SERVED_MODEL_NAME_HELP)
     r.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     _http_args(r, 8000)
     _router_args(r)
@@ -309,9 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--start-timeout", type=float, default=60.0,
                    help="seconds to wait for the workers to register (default: %(default)s)")
     r.add_argument("--worker-logs", action="store_true",
-                   help="copy the workers' logs to stderr (always shown when one fails)")
-    r.set_defaults(func=_cmd_run)
-    # Flags run does not know go to the engine: never match them as abbreviations of ours.
+                   help="copy all the workers' logs to stderr (default: only their warnings and "
+                        "errors, at most 10 lines per second per worker; the last lines are "
+                        "always shown when one fails)")
+    r.set_defaults(func=_cmd_run, command_parser=r)
+    # A typo or abbreviation of our flags is an error (main), not silently an engine flag.
     r.allow_abbrev = False
 
     from .bench import add_bench_args
@@ -324,19 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
         "request failed.",
     )
     add_bench_args(b)
-    b.set_defaults(func=_cmd_bench)
+    b.set_defaults(func=_cmd_bench, command_parser=b)
+    b.allow_abbrev = False
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit code.
+
+    Everything after the first ``--`` is the engine's; before it, every argument must be one
+    of the subcommand's flags (never abbreviated), else argparse's usage error (exit 2).
+    """
     parser = build_parser()
     mine, engine_argv = _split_engine_args(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(mine)
     if args.command is None:
         parser.print_help()
         return 2
+    if unknown:
+        _reject_unknown(args.command_parser, args.command, unknown)
     func: Callable[[argparse.Namespace, list[str]], int] = args.func
-    return func(args, unknown + engine_argv)
+    return func(args, engine_argv)
 
 
 if __name__ == "__main__":

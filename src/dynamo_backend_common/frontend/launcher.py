@@ -8,6 +8,13 @@ directory, serves the frontend in-process once every worker registered, and prin
 frontend, then SIGTERMs the workers and waits for them (SIGKILL after ``worker_stop_s``); a
 second signal kills the workers at once. A worker that exits early is reported with its last
 log lines; during start-up that aborts the run (exit 1), later the other workers keep serving.
+
+Worker output: with ``worker_logs`` every line is copied to stderr as ``[worker i/N] LINE``;
+without it only WARNING/ERROR/CRITICAL log records (with their traceback lines) are, at most
+:data:`ECHO_LINES_PER_S` lines per second per worker, the rest counted in a
+``[worker i/N] (k lines suppressed)`` note. Progress goes to stdout. Neither stream being
+closed (``run ... | tee log`` with the ``tee`` gone after Ctrl+C) stops the shutdown: the
+stream is pointed at ``/dev/null`` and the run ends as it would have.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,20 +33,43 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..model_dir import ModelDir, ModelDirError
-from .model_manager import WorkerEntry
 from .http import HttpServer
+from .model_manager import WorkerEntry
 from .server import Frontend, FrontendConfig
 
 __all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
 
 _LOG_LINES = 40
+#: Without ``--worker-logs``: the most warning/error lines copied per worker per second.
+ECHO_LINES_PER_S = 10
+# A record's first line as log_setup formats it: "2024-05-01 12:00:00,123 LEVEL name[pid]: ..."
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ")
+_SHOWN_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+
+
+def _emit(msg: str, stream: TextIO) -> None:
+    """Print ``msg`` to ``stream``; if the reader went away (EPIPE, EIO, closed), point the
+    stream's descriptor at /dev/null so this and every later write is dropped, never raised
+    into the run's shutdown."""
+    try:
+        print(msg, file=stream, flush=True)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, stream.fileno())
+            finally:
+                os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()  # what was buffered goes to /dev/null now
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    """A progress line on stdout (see :func:`_emit`)."""
+    _emit(msg, sys.stdout)
 
 
 async def _wait_for_signal(stop: asyncio.Event, on_second: Callable[[], None] | None = None
@@ -112,17 +143,27 @@ def _pdeathsig_hook() -> Callable[[], object] | None:
 
 
 class WorkerProcess:
-    """One worker subprocess; keeps its last log lines (stdout and stderr merged)."""
+    """One worker subprocess; keeps its last log lines (stdout and stderr merged).
+
+    ``echo_logs`` copies every line to stderr; otherwise warning/error records are copied,
+    rate-limited to ``echo_per_s`` lines per second (see the module doc).
+    """
 
     def __init__(self, index: int, total: int, argv: Sequence[str], *,
-                 echo_logs: bool = False) -> None:
+                 echo_logs: bool = False, echo_per_s: int = ECHO_LINES_PER_S) -> None:
         self.index = index
         self.total = total
         self.argv = list(argv)
         self.echo_logs = echo_logs
+        self.echo_per_s = echo_per_s
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._in_shown_record = False  # the current record is a warning/error
+        self._window_start = -1.0
+        self._window_lines = 0
+        self._suppressed = 0
+        self._note: asyncio.TimerHandle | None = None  # reports _suppressed when the window ends
 
     @property
     def name(self) -> str:
@@ -138,11 +179,46 @@ class WorkerProcess:
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self.lines.append(line)
-            if self.echo_logs:
-                print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+        try:
+            async for raw in self.proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                self.lines.append(line)
+                if self.echo_logs:
+                    _emit(f"[{self.name}] {line}", sys.stderr)
+                else:
+                    self._echo_if_shown(line)
+        finally:
+            self._flush_suppressed()
+
+    def _echo_if_shown(self, line: str) -> None:
+        """Copy a warning/error line (a record's first line or its continuation) to stderr
+        unless this second's budget is spent; count it for the note then."""
+        m = _RECORD.match(line)
+        if m is not None:
+            self._in_shown_record = m.group(1) in _SHOWN_LEVELS
+        if not self._in_shown_record:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window_start >= 1.0:
+            self._flush_suppressed()
+            self._window_start, self._window_lines = now, 0
+        if self._window_lines < self.echo_per_s:
+            self._window_lines += 1
+            _emit(f"[{self.name}] {line}", sys.stderr)
+            return
+        self._suppressed += 1
+        if self._note is None:
+            self._note = loop.call_at(self._window_start + 1.0, self._flush_suppressed)
+
+    def _flush_suppressed(self) -> None:
+        if self._note is not None:
+            self._note.cancel()
+            self._note = None
+        if self._suppressed:
+            k, self._suppressed = self._suppressed, 0
+            _emit(f"[{self.name}] ({k} line{'s' if k > 1 else ''} suppressed; "
+                  "--worker-logs shows all)", sys.stderr)
 
     def last_lines(self) -> str:
         return "\n".join(f"    {line}" for line in self.lines) or "    (no output)"
@@ -238,6 +314,7 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
     await _wait_for_signal(stop, kill_all)
     tmp = tempfile.mkdtemp(prefix="dynamo-run-")
     discovery = f"file://{tmp}"
+    _say(f"discovery: {discovery} (private to this run, removed when it stops)")
     frontend = Frontend(FrontendConfig(
         host=cfg.host, port=cfg.port, discovery=discovery, namespace=cfg.namespace,
         router_mode=cfg.router_mode, kv_overlap_weight=cfg.kv_overlap_weight,

@@ -1,15 +1,30 @@
 """Chooses the worker (and data-parallel rank) for each request of each model.
 
-One :class:`Router` serves a frontend. It keeps one routing policy per model
-(``round_robin`` | ``random`` | ``kv``, see :mod:`dynamo_backend_common.router`), fed by the
-:class:`ModelManager` (workers joining and leaving) and, in ``kv`` mode, by the event plane
-(KV events and load snapshots of every worker). A worker with ``data_parallel_size`` N is N
-routing targets ``(instance_id, rank)``; the chosen rank travels in ``request.routing.dp_rank``.
+One :class:`Router` serves a frontend. It keeps one routing policy per model (the modes of
+NVIDIA Dynamo: ``round_robin`` | ``random`` | ``power_of_two`` | ``least_loaded`` | ``kv`` |
+``direct``, see :mod:`dynamo_backend_common.router`), fed by the :class:`ModelManager` (workers
+joining and leaving) and, in ``kv`` mode with KV events, by the event plane (KV events and load
+snapshots of every worker). A worker with ``data_parallel_size`` N is N routing targets
+``(instance_id, rank)``; the chosen rank travels in ``request.routing.dp_rank``.
 
 Per request the :class:`EngineClient` calls :meth:`Router.route`, :meth:`Router.first_token`
 when the first token arrives, then, once the attempt ends, :meth:`Router.finished` with what
 ``route`` returned; ``kv`` mode counts the request's prefill and blocks against its worker in
-between.
+between, ``power_of_two`` and ``least_loaded`` count it as one request in flight there.
+
+Direct routing (Dynamo's ``--router-mode direct``): the client names the worker, as Dynamo's
+HTTP frontend lets it, with the headers ``x-worker-instance-id: ID`` (decimal as Dynamo writes
+it, or ``0x`` + the hex id ``GET /health`` lists) and optionally ``x-dp-rank: R`` (alias
+``x-data-parallel-rank``). :class:`DirectRoutingMiddleware` turns those headers into the
+request's :class:`RouteTarget` (a context variable, so it reaches :meth:`Router.route` through
+the engine client untouched); code can set one with :func:`route_to` or pass
+``route(..., target=...)``. In ``direct`` mode a request without a target, or naming a worker
+that does not serve its model or a rank that worker does not have, fails with
+:class:`DirectRoutingError` (HTTP 400); a target that was already tried (it refused the request,
+or its stream broke) fails with ``LookupError`` (the engine client's 503): never another
+worker. ``kv`` mode honours a target too (the request goes there, its overlap and load are
+counted, as Dynamo's KV router does with ``backend_instance_id``); the other modes ignore it.
+Without a rank the mode's rule picks among the worker's ranks (``direct``: in turn).
 
 KV index upkeep (``kv`` mode), one :class:`KvIndexer` for all models:
 
@@ -23,6 +38,10 @@ KV index upkeep (``kv`` mode), one :class:`KvIndexer` for all models:
   cold cache; missing ones only cost a prefill, so dropping is the safe resync.
 - a ``cleared`` event drops the rank's entries; ``removed`` drops the named blocks.
 
+KV routing without KV events (``kv_events=False``, Dynamo's ``--no-kv-events``): no event plane
+is used; each model's KV policy predicts the caches from its own decisions
+(:class:`~dynamo_backend_common.router.ApproxKvIndexer`, ``router_ttl_secs``).
+
 Messages are NVIDIA Dynamo 1.6.1's (``protocols.kv``): a ``kv-events`` message is a list of
 RouterEvent, a ``kv_metrics`` message one ActiveLoad, so Dynamo's workers (the mocker, vLLM
 through Dynamo) are routed like ours. A load without ``kv_total_blocks`` (Dynamo's never has
@@ -34,33 +53,190 @@ the events metric) and logged at most once per 10 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ProtocolError
+from ..errors import BackendError, DynamoError, ProtocolError
 from ..protocols.kv import LoadSnapshot, decode_kv_events, decode_load
-from ..router import KvIndexer, KvRouterConfig, RouteDecision, RoutingPolicy, WorkerKey, make_policy
-from ..router.policies import POLICY_NAMES
+from ..router import (
+    POLICY_NAMES,
+    ROUTER_MODE_SPELLINGS,
+    KvIndexer,
+    KvRouterConfig,
+    RouteDecision,
+    RoutingPolicy,
+    WorkerKey,
+    make_policy,
+    normalize_router_mode,
+)
 from ..runtime.events import EventPlane, Subscription, kv_events_subject, kv_metrics_subject
 from .model_manager import ModelEntry, ModelManager, WorkerEntry
+from .openai_types import RequestError
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
-__all__ = ["DEPARTED_MEMORY", "ROUTER_MODES", "Routed", "Router"]
+__all__ = [
+    "DEPARTED_MEMORY",
+    "HEADER_DP_RANK",
+    "HEADER_DP_RANK_ALIAS",
+    "HEADER_WORKER_INSTANCE_ID",
+    "ROUTER_MODES",
+    "ROUTER_MODE_SPELLINGS",
+    "DirectRoutingError",
+    "DirectRoutingMiddleware",
+    "RouteTarget",
+    "Routed",
+    "Router",
+    "current_target",
+    "normalize_router_mode",
+    "parse_target",
+    "route_to",
+]
 
+#: The canonical router modes (:func:`normalize_router_mode` maps Dynamo's spellings to them).
 ROUTER_MODES = POLICY_NAMES
+
+#: Dynamo's request headers for direct routing (``lib/llm/src/protocols/openai/nvext.rs``).
+HEADER_WORKER_INSTANCE_ID: Final = "x-worker-instance-id"
+HEADER_DP_RANK: Final = "x-dp-rank"
+HEADER_DP_RANK_ALIAS: Final = "x-data-parallel-rank"
+
+#: Modes in which a request's :class:`RouteTarget` decides the worker.
+_TARGETED_MODES: Final = frozenset({"direct", "kv"})
 
 #: How many departed worker ids a :class:`Router` remembers to ignore their late events.
 DEPARTED_MEMORY = 4096
+
+
+class DirectRoutingError(DynamoError):
+    """A request's direct-routing target is missing or names no worker (rank) of its model.
+
+    Kind ``InvalidArgument``: the frontend answers HTTP 400 with the message, and it is never
+    retried on another worker. ``header`` names the request header at fault, if one is.
+    """
+
+    def __init__(self, message: str, header: str | None = None) -> None:
+        super().__init__(BackendError.InvalidArgument, message)
+        self.header = header
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    """The worker a client named: ``instance_id`` and, optionally, its data-parallel rank."""
+
+    instance_id: int
+    dp_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.instance_id < 2**64:
+            raise DirectRoutingError(f"worker instance id {self.instance_id} is not a u64",
+                                     HEADER_WORKER_INSTANCE_ID)
+        if self.dp_rank is not None and not 0 <= self.dp_rank < 2**32:
+            raise DirectRoutingError(f"dp rank {self.dp_rank} is not a u32", HEADER_DP_RANK)
+
+
+_TARGET: ContextVar[RouteTarget | None] = ContextVar("dynamo_route_target", default=None)
+
+
+def current_target() -> RouteTarget | None:
+    """The :class:`RouteTarget` of the request being handled in this context, if any."""
+    return _TARGET.get()
+
+
+@contextlib.contextmanager
+def route_to(instance_id: int, dp_rank: int | None = None) -> Iterator[RouteTarget]:
+    """Within the block, requests routed from this context (and tasks it starts) target worker
+    ``instance_id`` (rank ``dp_rank``) in ``direct`` and ``kv`` modes."""
+    target = RouteTarget(instance_id, dp_rank)
+    token = _TARGET.set(target)
+    try:
+        yield target
+    finally:
+        _TARGET.reset(token)
+
+
+def _parse_int(value: str, what: str, header: str) -> int:
+    text = value.strip()
+    try:
+        return int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
+    except ValueError:
+        raise DirectRoutingError(
+            f"header {header}: {value[:64]!r} is not a {what} (decimal, or 0x + hex)",
+            header) from None
+
+
+def parse_target(instance_id: str | None, dp_rank: str | None = None) -> RouteTarget | None:
+    """The :class:`RouteTarget` of the header values ``x-worker-instance-id`` and ``x-dp-rank``
+    (``None`` when neither is given). Raises :class:`DirectRoutingError` for a value that is not
+    a number in range, or a rank without an instance id."""
+    if instance_id is None:
+        if dp_rank is not None:
+            raise DirectRoutingError(
+                f"header {HEADER_DP_RANK} needs {HEADER_WORKER_INSTANCE_ID} (the worker whose "
+                "rank it names)", HEADER_WORKER_INSTANCE_ID)
+        return None
+    iid = _parse_int(instance_id, "worker instance id", HEADER_WORKER_INSTANCE_ID)
+    rank = None if dp_rank is None else _parse_int(dp_rank, "dp rank", HEADER_DP_RANK)
+    return RouteTarget(iid, rank)
+
+
+_encode_json = msgspec.json.Encoder().encode
+_HEADER_NAMES: Final = {HEADER_WORKER_INSTANCE_ID.encode(): 0, HEADER_DP_RANK.encode(): 1,
+                        HEADER_DP_RANK_ALIAS.encode(): 1}
+
+
+class DirectRoutingMiddleware:
+    """ASGI middleware: the direct-routing headers of an HTTP request become its
+    :class:`RouteTarget` for as long as ``app`` handles it.
+
+    ``x-worker-instance-id`` (Dynamo's header; a decimal u64 or ``0x`` + hex) and ``x-dp-rank``
+    / ``x-data-parallel-rank`` (a u32). A malformed value is answered at once with an OpenAI
+    error body, status 400, code ``invalid_value``, ``param`` the header. Requests without the
+    headers pass through untouched (one scan of the header list).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        values: list[str | None] = [None, None]
+        for name, value in scope["headers"]:
+            slot = _HEADER_NAMES.get(name)
+            if slot is not None:
+                values[slot] = value.decode("latin-1")
+        if values[0] is None and values[1] is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            target = parse_target(values[0], values[1])
+        except DirectRoutingError as exc:
+            body = _encode_json(RequestError(exc.message, code="invalid_value",
+                                             param=exc.header).to_response())
+            await send({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        token = _TARGET.set(target)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _TARGET.reset(token)
 
 
 @dataclass(eq=False, slots=True)
@@ -82,11 +258,16 @@ def _worker_keys(worker: WorkerEntry) -> list[tuple[int, int]]:
 class Router:
     """Routes the requests of every model a :class:`ModelManager` knows (see module doc).
 
-    ``mode`` is ``round_robin`` (default), ``random`` or ``kv``. In ``kv`` mode ``events`` is the
-    event plane the workers publish on; a model whose card has no ``kv_cache_block_size`` is
-    routed round-robin (with a warning), since its prompts cannot be hashed into blocks.
+    ``mode`` is any spelling :func:`normalize_router_mode` accepts (default ``round_robin``);
+    :attr:`mode` holds its canonical name. In ``kv`` mode with ``kv_events`` (the default)
+    ``events`` is the event plane the workers publish on; with ``kv_events=False`` no event plane
+    is used and the caches are predicted from the routing decisions, each routed prompt's blocks
+    kept ``router_ttl_secs``. A model whose card has no ``kv_cache_block_size`` is routed
+    round-robin in ``kv`` mode (with a warning), since its prompts cannot be hashed into blocks.
     ``overlap_weight``, ``temperature`` and ``busy_threshold`` tune the KV cost
-    (see :class:`~dynamo_backend_common.router.KvRouterConfig`).
+    (see :class:`~dynamo_backend_common.router.KvRouterConfig`). ``power_of_two`` and
+    ``least_loaded`` count each worker rank's requests in flight across all models
+    (:meth:`inflight`).
     """
 
     def __init__(
@@ -98,23 +279,32 @@ class Router:
         overlap_weight: float = 1.0,
         temperature: float = 0.0,
         busy_threshold: float | None = None,
+        kv_events: bool = True,
+        router_ttl_secs: float = 120.0,
         seed: int | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        key = mode.strip().lower().replace("-", "_")
-        if key not in POLICY_NAMES:
-            raise ValueError(f"unknown router mode {mode!r}; expected one of {POLICY_NAMES}")
-        if key == "kv" and events is None:
-            raise ValueError("router mode kv needs the event plane workers publish on")
+        key = normalize_router_mode(mode)
+        if key == "kv" and kv_events and events is None:
+            raise ValueError("router mode kv needs the event plane workers publish on "
+                             "(or kv_events=False to predict the caches without events)")
         self.mode = key
+        self.kv_events = kv_events
         self._models = models
         self._events = events
         self._kv_options: dict[str, Any] = {
             "overlap_score_weight": overlap_weight, "temperature": temperature,
-            "busy_threshold": busy_threshold}
+            "busy_threshold": busy_threshold, "use_kv_events": kv_events,
+            "router_ttl_secs": router_ttl_secs}
         KvRouterConfig(block_size=1, **self._kv_options)  # bad options fail here, not later
         self._rng = random.Random(seed)
         self.indexer = KvIndexer(on_gap=self._on_gap)
+        self._targeted = key in _TARGETED_MODES
+        self._inflight: dict[WorkerKey, int] = {}  # power_of_two / least_loaded, all models
+        # model -> (entry, its worker count, routing key -> worker, the keys): the candidates
+        # of a request that excludes no worker, rebuilt when a worker joins or leaves.
+        self._candidates: dict[
+            str, tuple[ModelEntry, int, dict[WorkerKey, WorkerEntry], list[WorkerKey]]] = {}
         self._policies: dict[str, RoutingPolicy] = {}
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -192,23 +382,77 @@ class Router:
 
     # -- per request ------------------------------------------------------------------------
     def route(
-        self, model: str, entry: ModelEntry, token_ids: Sequence[int], exclude: set[int]
+        self, model: str, entry: ModelEntry, token_ids: Sequence[int], exclude: set[int],
+        *, target: RouteTarget | None = None,
     ) -> Routed:
         """Choose a worker of ``entry`` not in ``exclude`` (instance ids) for ``token_ids``.
 
-        Raises ``LookupError`` when no candidate is left. The caller must pass the result to
-        :meth:`finished` when the attempt ends, whatever the outcome.
+        In ``direct`` and ``kv`` modes ``target`` (default: :func:`current_target`) names the
+        worker; see the module doc for what happens when it names none or a wrong one
+        (:class:`DirectRoutingError`). Raises ``LookupError`` when no candidate is left. The
+        caller must pass the result to :meth:`finished` when the attempt ends, whatever the
+        outcome.
         """
-        by_key: dict[tuple[int, int], WorkerEntry] = {}
-        for iid, worker in entry.workers.items():
-            if iid not in exclude:
-                for key in _worker_keys(worker):
-                    by_key[key] = worker
-        if not by_key:
-            raise LookupError(f"no worker left for model {model!r}")
+        if self._targeted:
+            if target is None:
+                target = _TARGET.get()
+            if target is not None:
+                return self._route_to(model, entry, token_ids, exclude, target)
+            if self.mode == "direct":
+                raise DirectRoutingError(
+                    f"router mode direct: the request names no worker; send the header "
+                    f"{HEADER_WORKER_INSTANCE_ID}: <instance id> (GET /health lists them)",
+                    HEADER_WORKER_INSTANCE_ID)
+        cached = self._candidates.get(model)
+        if (cached is not None and not exclude and cached[0] is entry
+                and cached[1] == len(entry.workers)):
+            by_key, keys = cached[2], cached[3]
+        else:
+            by_key = {}
+            for iid, worker in entry.workers.items():
+                if iid not in exclude:
+                    for key in _worker_keys(worker):
+                        by_key[key] = worker
+            if not by_key:
+                raise LookupError(f"no worker left for model {model!r}")
+            keys = list(by_key)
+            if not exclude:
+                self._candidates[model] = (entry, len(entry.workers), by_key, keys)
         policy = self._policy(model, entry)
-        decision = policy.select(token_ids, list(by_key))
+        decision = policy.select(token_ids, keys)
         policy.request_started(decision)
+        return self._record(model, policy, decision, by_key[decision.worker])
+
+    def _route_to(
+        self, model: str, entry: ModelEntry, token_ids: Sequence[int], exclude: set[int],
+        target: RouteTarget,
+    ) -> Routed:
+        iid = target.instance_id
+        worker = entry.workers.get(iid)
+        if worker is None:
+            known = ", ".join(f"{i:#x}" for i in entry.workers) or "none"
+            raise DirectRoutingError(
+                f"worker {iid:#x} ({iid}) does not serve model {model!r} (its workers: "
+                f"{known})", HEADER_WORKER_INSTANCE_ID)
+        if iid in exclude:
+            raise LookupError(f"worker {iid:#x}, the request's target, was already tried")
+        keys = _worker_keys(worker)
+        if target.dp_rank is not None:
+            key = (iid, target.dp_rank)
+            if key not in keys:
+                raise DirectRoutingError(
+                    f"worker {iid:#x} has no data-parallel rank {target.dp_rank} (its ranks: "
+                    f"{', '.join(str(k[1]) for k in keys)})", HEADER_DP_RANK)
+            keys = [key]
+        policy = self._policy(model, entry)
+        decision = policy.select(token_ids, keys)
+        policy.request_started(decision)
+        return self._record(model, policy, decision, worker)
+
+    def _record(
+        self, model: str, policy: RoutingPolicy, decision: RouteDecision, worker: WorkerEntry
+    ) -> Routed:
+        """Count, log and wrap a decision that was just started."""
         worker_id, rank = decision.worker
         self.decisions[(model, worker_id)] += 1
         if self._decisions is not None:
@@ -226,9 +470,14 @@ class Router:
             log.debug("route %s -> worker %x rank %d (%s, overlap %d/%d blocks%s)", model,
                       worker_id, rank, policy.name, decision.overlap_blocks,
                       decision.prompt_blocks, f"; costs {costs}" if costs else "")
-        routed = Routed(by_key[decision.worker], rank, decision, policy)
+        routed = Routed(worker, rank, decision, policy)
         self.last = routed
         return routed
+
+    def inflight(self, key: WorkerKey) -> int:
+        """Requests in flight on worker rank ``key`` as ``power_of_two`` / ``least_loaded``
+        count them (0 in the other modes)."""
+        return self._inflight.get(key, 0)
 
     def load(self, key: WorkerKey) -> LoadSnapshot | None:
         """The latest load snapshot of worker rank ``key`` (``kv`` mode), if any."""
@@ -269,16 +518,21 @@ class Router:
             mode = "round_robin"
         if mode == "kv":
             assert block_size is not None
-            policy = make_policy("kv", rng=self._rng, indexer=self.indexer,
+            # Without events each model's policy predicts into an index of its own.
+            policy = make_policy("kv", rng=self._rng,
+                                 indexer=self.indexer if self.kv_events else None,
                                  block_size=block_size, **self._kv_options)
             for snap in self._loads.values():
                 policy.update_load(snap)
+        elif mode in ("power_of_two", "least_loaded"):
+            policy = make_policy(mode, rng=self._rng, inflight=self._inflight)
         else:
             policy = make_policy(mode, rng=self._rng)
         self._policies[model] = policy
         return policy
 
     def _on_worker(self, model: str, worker: WorkerEntry, added: bool) -> None:
+        self._candidates.pop(model, None)
         entry = self._models.models.get(model)
         if added:
             self._departed.pop(worker.instance_id, None)
@@ -291,7 +545,7 @@ class Router:
             policy = self._policy(model, entry)
             for key in _worker_keys(worker):
                 policy.add_worker(key)
-            if self.mode == "kv":
+            if self.mode == "kv" and self.kv_events:
                 self._subscribe(worker.card.namespace, worker.card.component)
             self._notify()
             return
@@ -309,7 +563,7 @@ class Router:
         self._departed[worker.instance_id] = None
         while len(self._departed) > DEPARTED_MEMORY:
             self._departed.popitem(last=False)
-        if self.mode == "kv":
+        if self.mode == "kv" and self.kv_events:
             log.info("kv router: worker %x left model %s; dropped its %d indexed blocks",
                      worker.instance_id, model, dropped)
         if entry is None:

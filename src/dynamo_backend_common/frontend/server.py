@@ -87,7 +87,7 @@ from .preprocess import Preprocessed, Preprocessor
 from .reasoning import REASONING_PARSERS, make_reasoning_parser
 from .request_fields import check_fields, guided_kinds
 from .responses import ChatRenderer, CompletionRenderer, Renderer
-from .routing import Router
+from .routing import DirectRoutingMiddleware, Router, normalize_router_mode
 from .tool_calls import TOOL_CALL_PARSERS, ToolCallParser, detect_tool_call_parser
 
 log = logging.getLogger("dynamo_backend_common.frontend")
@@ -117,10 +117,19 @@ class FrontendConfig:
     events: str | None = None
     #: Only serve workers registered under this namespace (``None``: all).
     namespace: str | None = None
+    #: A router mode in any spelling ``frontend.routing.normalize_router_mode`` accepts:
+    #: ``round_robin``, ``random``, ``power_of_two``, ``least_loaded``, ``kv``, ``direct``
+    #: (or Dynamo's ``round-robin``, ``power-of-two``, ``least-loaded``, ...).
     router_mode: str = "round_robin"
     kv_overlap_weight: float = 1.0
     router_temperature: float = 0.0
     busy_threshold: float | None = None
+    #: ``kv`` mode: index the workers' KV events (``True``), or predict their caches from the
+    #: routing decisions with no event plane (``False``, Dynamo's ``--no-kv-events``).
+    kv_events: bool = True
+    #: ``kv`` mode without KV events: seconds a routed prompt's blocks count as cached on the
+    #: worker it went to (Dynamo's ``--router-ttl``).
+    router_ttl_secs: float = 120.0
     #: When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -206,6 +215,9 @@ class Frontend:
         self._api_key = (self.config.api_key or "").encode() or None
         self._started = False
         self._hot = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
+        self._direct = (DirectRoutingMiddleware(self._dispatch)
+                        if normalize_router_mode(self.config.router_mode) in ("direct", "kv")
+                        else None)
         self._starlette = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -224,7 +236,16 @@ class Frontend:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app. The two generation routes skip Starlette's routing and middleware
-        (measurably cheaper per request); everything else goes through Starlette."""
+        (measurably cheaper per request); everything else goes through Starlette. In the
+        router modes that honour a target (``direct``, ``kv``) the direct-routing headers
+        (``x-worker-instance-id``, ``x-dp-rank``) are read first
+        (:class:`~.routing.DirectRoutingMiddleware`)."""
+        if self._direct is not None:
+            await self._direct(scope, receive, send)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = self._hot.get(scope["path"])
             if handler is not None:
@@ -242,7 +263,8 @@ class Frontend:
         cfg = self.config
         if self._own_discovery:
             await self.discovery.start()
-        if cfg.router_mode.strip().lower() == "kv" and self._events is None:
+        mode = normalize_router_mode(cfg.router_mode)
+        if mode == "kv" and cfg.kv_events and self._events is None:
             self._events = open_event_plane(cfg.events or default_event_url(self.discovery),
                                             discovery=self.discovery)
             await self._events.start()
@@ -250,7 +272,8 @@ class Frontend:
         self.router = Router(
             self.models, cfg.router_mode, events=self._events,
             overlap_weight=cfg.kv_overlap_weight, temperature=cfg.router_temperature,
-            busy_threshold=cfg.busy_threshold, registry=self.metrics.registry)
+            busy_threshold=cfg.busy_threshold, kv_events=cfg.kv_events,
+            router_ttl_secs=cfg.router_ttl_secs, registry=self.metrics.registry)
         await self.router.start()
         client = self.client = EngineClient(self.models, self.router)
         self.metrics.bind(

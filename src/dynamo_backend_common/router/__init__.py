@@ -1,5 +1,6 @@
-"""Request routing: the KV block indexer, the KV-aware router and the load-blind policies."""
+"""Request routing: the KV block indexers, the KV-aware router and the other router modes."""
 
+from .approx import ApproxKvIndexer
 from .indexer import GapCallback, KvIndexer, WorkerKey
 from .kv_router import (
     KvRouter,
@@ -9,15 +10,31 @@ from .kv_router import (
     WorkerLoad,
     prompt_hashes,
 )
-from .policies import POLICY_NAMES, Random, RoundRobin, RoutingPolicy, make_policy
+from .policies import (
+    POLICY_NAMES,
+    ROUTER_MODE_SPELLINGS,
+    Direct,
+    LeastLoaded,
+    PowerOfTwo,
+    Random,
+    RoundRobin,
+    RoutingPolicy,
+    make_policy,
+    normalize_router_mode,
+)
 
 __all__ = [
     "POLICY_NAMES",
+    "ROUTER_MODE_SPELLINGS",
+    "ApproxKvIndexer",
+    "Direct",
     "GapCallback",
     "KvIndexer",
     "KvRouter",
     "KvRouterConfig",
+    "LeastLoaded",
     "NoWorkersAvailable",
+    "PowerOfTwo",
     "Random",
     "RoundRobin",
     "RouteDecision",
@@ -25,5 +42,6 @@ __all__ = [
     "WorkerKey",
     "WorkerLoad",
     "make_policy",
+    "normalize_router_mode",
     "prompt_hashes",
 ]

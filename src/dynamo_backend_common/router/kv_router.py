@@ -29,6 +29,10 @@ prompt length or load scale.
 reuse (better TTFT) over spreading decode load (better ITL). With no KV events at all every
 overlap is zero and the rule reduces to least-loaded.
 
+``use_kv_events = False`` is Dynamo's approximate mode (``--no-kv-events``): the overlaps come
+from an :class:`~.approx.ApproxKvIndexer` that :meth:`KvRouter.request_started` feeds with each
+routed prompt's blocks (kept ``router_ttl_secs``) instead of from the workers' KV events.
+
 Not thread-safe: use it from one thread (the event loop).
 """
 
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 
 from ..kv.hashing import XXH3_SEED, block_hashes
 from ..protocols.kv import LoadSnapshot, RouterEvent
+from .approx import ApproxKvIndexer
 from .indexer import KvIndexer, WorkerKey
 
 __all__ = [
@@ -130,6 +135,10 @@ class KvRouterConfig:
     ``block_size`` must equal the workers' KV block size, or no prompt hash will ever match.
     ``busy_threshold`` (a fraction of ``total_blocks``, like Dynamo's
     ``--active-decode-blocks-threshold``) excludes workers above it, unless every candidate is.
+    ``use_kv_events = False`` predicts the caches from the routing decisions instead of KV
+    events (Dynamo's approximate mode): a routed prompt's blocks count as cached on its worker
+    for ``router_ttl_secs``, at most ``router_max_tree_size`` (worker, block) pairs are kept,
+    pruned to ``router_prune_target_ratio`` of that (Dynamo's defaults: 120 s, 2**20, 0.8).
     """
 
     block_size: int
@@ -137,6 +146,10 @@ class KvRouterConfig:
     temperature: float = 0.0
     busy_threshold: float | None = None
     hash_seed: int = XXH3_SEED
+    use_kv_events: bool = True
+    router_ttl_secs: float = 120.0
+    router_max_tree_size: int = 2**20
+    router_prune_target_ratio: float = 0.8
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -147,6 +160,12 @@ class KvRouterConfig:
             raise ValueError("temperature must be >= 0")
         if self.busy_threshold is not None and not self.busy_threshold > 0:
             raise ValueError("busy_threshold must be > 0")
+        if not self.router_ttl_secs > 0:
+            raise ValueError(f"router_ttl_secs must be > 0, got {self.router_ttl_secs}")
+        if self.router_max_tree_size <= 0:
+            raise ValueError("router_max_tree_size must be > 0")
+        if not 0.0 <= self.router_prune_target_ratio < 1.0:
+            raise ValueError("router_prune_target_ratio must be in [0, 1)")
 
 
 class KvRouter:
@@ -155,6 +174,10 @@ class KvRouter:
     Workers are candidates once :meth:`add_worker` ed (discovery is the authority on who exists);
     ``select(..., candidates=...)`` may instead name them per call. Load snapshots and KV events
     of workers not (yet) added are kept, since the event plane may run ahead of discovery.
+
+    With ``config.use_kv_events = False`` the ``indexer`` must be an :class:`ApproxKvIndexer`
+    (:func:`~.policies.make_policy` builds one): every :meth:`request_started` records the
+    prompt's blocks on the chosen worker, and KV events are not used.
     """
 
     name = "kv"
@@ -165,8 +188,11 @@ class KvRouter:
         config: KvRouterConfig,
         rng: random.Random | None = None,
     ) -> None:
+        if not config.use_kv_events and not isinstance(indexer, ApproxKvIndexer):
+            raise TypeError("use_kv_events=False needs an ApproxKvIndexer")
         self.indexer = indexer
         self.config = config
+        self._approx = indexer if isinstance(indexer, ApproxKvIndexer) else None
         self._rng = rng if rng is not None else random.Random()
         self._workers: dict[WorkerKey, None] = {}  # ordered set
         self._loads: dict[WorkerKey, WorkerLoad] = {}
@@ -310,9 +336,12 @@ class KvRouter:
 
     # -- router-side load tracking -------------------------------------------------------------
     def request_started(self, decision: RouteDecision) -> None:
-        """The request of ``decision`` was sent to ``decision.worker`` (idempotent)."""
+        """The request of ``decision`` was sent to ``decision.worker`` (idempotent). Without KV
+        events, its prompt blocks are predicted cached there from now on (see the class doc)."""
         if decision.ticket in self._inflight:
             return
+        if self._approx is not None:
+            self._approx.record(decision.worker, decision.block_hashes)
         load = self._load(decision.worker)
         active = self._active.setdefault(decision.worker, {})
         # The partial last block (if any) is the request's own; full blocks may be shared.

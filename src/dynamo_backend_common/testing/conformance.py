@@ -46,6 +46,11 @@ Checks, in run order (check name: failure kinds):
 ``cleanup_without_start``
     ``cleanup()`` on a fresh, never-started engine succeeds: ``CleanupWithoutStartFailed``.
 
+``start(worker_id)`` is bounded by ``start_timeout`` (default: ``timeout``, 10 s); every other
+step (one stream or batch of streams, each ``cleanup``) by ``timeout``. ``progress=`` is told
+when each check starts and how it ended, as it happens (the ``dynamo-backend conformance``
+command prints it), so a hang shows which check it is in at once.
+
 Any check that streams can also report the stream-level kinds (``NoTerminalChunk``,
 ``ChunkAfterTerminal``, ``HangAfterTerminal``, ``InvalidChunk``, ``StreamCloseHung`` when
 ``aclose()`` hangs, ``GenerateNotAsyncIterator``); a check that crashes in an unforeseen way
@@ -63,9 +68,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -85,9 +91,12 @@ from ..validate import StreamContractError, validate_stream
 __all__ = [
     "CHECKS",
     "CancellingContext",
+    "CheckProgress",
     "ConformanceFailure",
     "ConformanceReport",
+    "ProgressCallback",
     "cancelling_context",
+    "check_engine",
     "default_request",
     "mock_context",
     "run_conformance",
@@ -175,6 +184,29 @@ class ConformanceReport:
             elif check in self.passed:
                 lines.append(f"  ok    {check}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CheckProgress:
+    """One progress event of :func:`run_conformance`, given to its ``progress`` callback.
+
+    Each check in :data:`CHECKS` gets, in run order, one ``"running"`` event when it starts
+    (``seconds`` 0.0; checks that are skipped without running get none) and then exactly one
+    final event: ``"ok"``, ``"FAIL"`` (with its ``failures``) or ``"skip"`` (``reason`` says
+    why). ``seconds`` is the check's wall time.
+    """
+
+    check: str
+    status: Literal["running", "ok", "FAIL", "skip"]
+    seconds: float = 0.0
+    failures: tuple[ConformanceFailure, ...] = ()
+    reason: str = ""
+
+
+#: ``progress=`` of :func:`run_conformance`: called synchronously on the kit's event loop, so it
+#: must be quick (print a line); an exception it raises ends the run (engines are still cleaned
+#: up).
+ProgressCallback = Callable[[CheckProgress], None]
 
 
 # -- contexts -------------------------------------------------------------------------------
@@ -509,12 +541,16 @@ class _Kit:
         request: PreprocessedRequest | None,
         timeout: float,
         cancel_timeout: float,
+        start_timeout: float | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.factory = factory
         self.request = request or default_request()
         self.request_given = request is not None
         self.timeout = timeout
+        self.start_timeout = timeout if start_timeout is None else start_timeout
         self.cancel_timeout = cancel_timeout
+        self.progress = progress
         self.report = ConformanceReport()
         self.engine: LLMEngine | None = None
         self.started = False
@@ -545,21 +581,35 @@ class _Kit:
                     log.warning("conformance: cleanup after an interrupted run failed")
         return self.report
 
+    def _tell(self, event: CheckProgress) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
     async def _run_check(self, name: str, fn: Callable[[_Check], Awaitable[None]]) -> None:
         check = _Check(self.report, name)
+        self._tell(CheckProgress(name, "running"))
+        t0 = time.perf_counter()
         try:
             await fn(check)
         except Exception as exc:  # a kit bug or an engine failure the check did not foresee
             check.fail("Unexpected", f"{type(exc).__name__}: {exc}")
-        if not check.failed and name not in self.report.skipped:
+        seconds = time.perf_counter() - t0
+        if check.failed:
+            self._tell(CheckProgress(name, "FAIL", seconds, tuple(self.report.failures_of(name))))
+        elif name in self.report.skipped:
+            self._tell(CheckProgress(name, "skip", seconds, reason=self.report.skipped[name]))
+        else:
             self.report.passed.append(name)
+            self._tell(CheckProgress(name, "ok", seconds))
 
     async def _run_engine_check(
         self, name: str, fn: Callable[[_Check, LLMEngine], Awaitable[None]]
     ) -> None:
         engine = self.engine
         if engine is None or not self.started:
-            self.report.skipped[name] = "needs a started engine (see start_config)"
+            reason = "needs a started engine (see start_config)"
+            self.report.skipped[name] = reason
+            self._tell(CheckProgress(name, "skip", reason=reason))
             return
 
         async def call(check: _Check) -> None:
@@ -589,9 +639,15 @@ class _Kit:
         if self.engine is None:
             return
         try:
-            config: object = await asyncio.wait_for(self.engine.start(_WORKER_ID), self.timeout)
+            config: object = await asyncio.wait_for(
+                self.engine.start(_WORKER_ID), self.start_timeout
+            )
         except TimeoutError:
-            check.fail("StartFailed", f"start() did not return within {self.timeout}s")
+            check.fail(
+                "StartFailed",
+                f"start() did not return within {self.start_timeout}s; an engine that loads "
+                "for longer needs a larger start_timeout= (--start-timeout SECONDS)",
+            )
             return
         except Exception as exc:
             hint = "" if isinstance(exc, DynamoError) else " (raise DynamoError for typed errors)"
@@ -910,16 +966,67 @@ async def run_conformance(
     *,
     request: PreprocessedRequest | None = None,
     timeout: float = 10.0,
+    start_timeout: float | None = None,
     cancel_timeout: float = 2.0,
+    progress: ProgressCallback | None = None,
 ) -> ConformanceReport:
     """Check an engine against the ``LLMEngine`` contract; see the module doc for the checks.
 
     ``factory`` builds a fresh engine: a class, a function, or an async function. ``request``
     replaces :func:`default_request` (use one your engine serves normally, with at least two
-    chunks of output). ``timeout`` bounds each step (``start``, one stream or batch of streams,
-    each ``cleanup``); ``cancel_timeout`` is how long a stopped stream may take to end.
-    Never raises for engine misbehaviour: inspect the report, or call
-    :meth:`ConformanceReport.raise_for_failures`.
+    chunks of output). ``start_timeout`` bounds ``start()`` (``None``: the same as ``timeout``);
+    ``timeout`` bounds every other step (one stream or batch of streams, each ``cleanup``);
+    ``cancel_timeout`` is how long a stopped stream may take to end. ``progress`` is called with
+    a :class:`CheckProgress` as each check starts and ends. Never raises for engine
+    misbehaviour: inspect the report, or call :meth:`ConformanceReport.raise_for_failures`.
     """
-    kit = _Kit(factory, request, timeout, cancel_timeout)
+    for name, value in (("timeout", timeout), ("start_timeout", start_timeout),
+                        ("cancel_timeout", cancel_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    kit = _Kit(factory, request, timeout, cancel_timeout, start_timeout, progress)
     return await kit.run()
+
+
+def check_engine(
+    factory: EngineFactory,
+    *,
+    request: PreprocessedRequest | None = None,
+    timeout: float = 10.0,
+    start_timeout: float | None = None,
+    cancel_timeout: float = 2.0,
+) -> ConformanceReport:
+    """Run :func:`run_conformance` to completion on a fresh event loop and assert it passed.
+
+    A plain synchronous function, so a test needs no pytest-asyncio configuration::
+
+        def test_my_engine_conforms():
+            check_engine(MyEngine)
+
+    Raises ``AssertionError`` listing every failure when the engine does not conform, else
+    returns the report. The keyword arguments are :func:`run_conformance`'s. It must be called
+    with no event loop running in the thread (``asyncio.run`` semantics): an ``async def`` test
+    uses ``report = await run_conformance(MyEngine)`` and ``report.raise_for_failures()``
+    instead, and calling this from one raises ``RuntimeError`` saying so.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "check_engine() runs its own event loop and cannot be called from a running one "
+            "(an async test); there, use `report = await run_conformance(MyEngine)` and "
+            "`report.raise_for_failures()`"
+        )
+    report = asyncio.run(
+        run_conformance(
+            factory,
+            request=request,
+            timeout=timeout,
+            start_timeout=start_timeout,
+            cancel_timeout=cancel_timeout,
+        )
+    )
+    report.raise_for_failures()
+    return report

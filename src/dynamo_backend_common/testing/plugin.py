@@ -1,10 +1,16 @@
 """pytest plugin (auto-loaded through the ``pytest11`` entry point).
 
+A synchronous test needs none of it, nor any pytest-asyncio configuration:
+``check_engine(MyEngine)`` from :mod:`dynamo_backend_common.testing` runs the kit on its own
+event loop and fails the test with every failure listed.
+
 Fixtures:
 
 ``conformance``
-    ``report = await conformance(MyEngine, **run_conformance_kwargs)`` runs the kit and fails
-    the test with every failure listed when the engine does not conform.
+    for ``async def`` tests (which need pytest-asyncio: ``asyncio_mode = auto`` or an
+    ``@pytest.mark.asyncio`` marker): ``report = await conformance(MyEngine,
+    **run_conformance_kwargs)`` runs the kit and fails the test with every failure listed when
+    the engine does not conform.
 ``mock_context`` / ``cancelling_context``
     the functions of the same names in :mod:`dynamo_backend_common.testing`.
 """

@@ -927,10 +927,24 @@ def run(
     """Serve ``engine`` until SIGTERM/SIGINT; returns the exit code (``sys.exit`` it).
 
     ``engine`` may be an instance or a zero-argument factory called inside the event loop.
+
+    Without ``config`` the worker is configured exactly as ``dynamo-backend worker`` with no
+    flags: from the ``DYN_*`` variables its flags fall back to (``DYN_MODEL_PATH``,
+    ``DYN_SERVED_MODEL_NAME``, ``DYN_DISCOVERY``, ``DYN_NAMESPACE``, ...; see docs/worker.md),
+    so ``DYN_MODEL_PATH=DIR python serve.py`` registers DIR's tokenizer files as the CLI does.
+    An invalid value raises ``ValueError`` (``SystemExit`` for a non-integer port) before
+    anything starts. The config's ``model_path``, when set, is exported as
+    ``$DYN_MODEL_PATH`` before a factory ``engine`` is called, for engines that load weights
+    from it.
     """
     from ..log_setup import configure_logging
+    from .config import worker_config_from_argv
 
     configure_logging()
+    if config is None:
+        config = worker_config_from_argv([])
+    if config.model_path:
+        os.environ["DYN_MODEL_PATH"] = config.model_path
 
     async def main() -> int:
         eng = engine if isinstance(engine, LLMEngine) else engine()

@@ -1,0 +1,301 @@
+"""Scale: 1 -> 1000 concurrent streams through the frontend, CPU per token and memory per stream.
+
+    python benchmarks/scale.py [--levels 1,10,100,1000] [--tokens 64] [--delay-ms 20]
+                               [--workers 1] [--slow-readers 64] [--plot benchmarks/scale.png]
+
+Starts ``dynamo-backend run --engine echo --workers N --port 0 -- --delay-ms D`` (the echo
+engine paced at D ms per token, so streams overlap as they do on a real engine), then for each
+level keeps that many streaming chat completions in flight (``--tokens`` tokens each) with the
+load generator of ``dynamo-backend bench`` in this process, for ``--rounds`` streams per slot.
+For every level it prints:
+
+- requests/s and TTFT / ITL p50 and p99;
+- the server's CPU per output token, frontend and workers apart (from ``/proc``, less what the
+  idle server spends over the same time), and its ratio to the first level: flat means
+  per-token work does not grow with the number of streams;
+- memory per stream: the peak resident set during the level minus the idle one before it,
+  divided by the streams in flight, for the frontend process and the workers together.
+
+``--slow-readers K`` then starts a second server without the delay and opens K streams
+(``--slow-tokens`` tokens each) whose
+clients never read a byte, holds them for ``--slow-hold`` seconds, and prints the frontend's
+and workers' memory growth per slow stream: bounded by the frontend's per-stream backlog (1 MiB)
+plus the kernel's socket buffers, however long the stream.
+
+The client shares the machine with the server: on a small machine the figures at high levels
+include the client's own contention. Needs Linux (``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamo_backend_common.bench import DEFAULT_PROMPT, Level, drive, percentile
+from dynamo_backend_common.runtime.loop import run_coroutine
+
+_URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    model: str
+    url: str
+    workers: list[int] = field(default_factory=list)
+
+    def cpu(self) -> tuple[float, float]:
+        return _cpu_s(self.proc.pid), sum(_cpu_s(p) for p in self.workers)
+
+    def rss(self) -> tuple[int, int]:
+        return _rss(self.proc.pid), sum(_rss(p) for p in self.workers)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start(workers: int, delay_ms: float) -> Server:
+    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
+            "--workers", str(workers), "--port", "0", "--", "--delay-ms", str(delay_ms)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        m = _URL_RE.search(line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout or ()],
+                             daemon=True).start()
+            srv = Server(proc, m.group(1), m.group(2))
+            # The workers are python processes under the launcher (not the resource tracker).
+            srv.workers = [p for p in _children(proc.pid) if _rss(p) > 30 << 20]
+            return srv
+    raise SystemExit("server did not start:\n" + "\n".join(lines))
+
+
+class PeakRss:
+    """Samples the server's resident sets every 20 ms on a thread; keeps the peaks."""
+
+    def __init__(self, srv: Server) -> None:
+        self.srv = srv
+        self.peak = srv.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            f, w = self.srv.rss()
+            self.peak = (max(self.peak[0], f), max(self.peak[1], w))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Row:
+    level: Level
+    cpu_front_us: float
+    cpu_workers_us: float
+    mem_front_kb: float
+    mem_workers_kb: float
+
+
+def idle_cpu_rate(srv: Server, seconds: float = 2.0) -> tuple[float, float]:
+    """CPU seconds per second the idle server spends (timers, health canary, keep-alives)."""
+    f0, w0 = srv.cpu()
+    time.sleep(seconds)
+    f1, w1 = srv.cpu()
+    return (f1 - f0) / seconds, (w1 - w0) / seconds
+
+
+def run_level(srv: Server, conc: int, args: argparse.Namespace,
+              idle_rate: tuple[float, float]) -> Row:
+    idle = srv.rss()
+    f0, w0 = srv.cpu()
+    t0 = time.monotonic()
+    with PeakRss(srv) as peak:
+        lvl = run_coroutine(drive(srv.url, srv.model, conc, conc * args.rounds, args.tokens,
+                                  prompt=DEFAULT_PROMPT))
+    f1, w1 = srv.cpu()
+    wall = time.monotonic() - t0
+    tokens = max(1, lvl.tokens)
+    # What serving the tokens cost: the level's CPU less what the idle server spends anyway.
+    front = max(0.0, f1 - f0 - idle_rate[0] * wall)
+    workers = max(0.0, w1 - w0 - idle_rate[1] * wall)
+    return Row(lvl, front * 1e6 / tokens, workers * 1e6 / tokens,
+               max(0, peak.peak[0] - idle[0]) / conc / 1024,
+               max(0, peak.peak[1] - idle[1]) / conc / 1024)
+
+
+def slow_readers(srv: Server, args: argparse.Namespace) -> tuple[float, float]:
+    """Memory growth per never-reading stream (frontend, workers), in KiB. ``srv`` should
+    generate at full speed, so the streams back up as fast as they can."""
+    host, port = srv.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    body = json.dumps({"model": srv.model, "max_tokens": args.slow_tokens, "stream": True,
+                       "ignore_eos": True,
+                       "messages": [{"role": "user", "content": DEFAULT_PROMPT}]}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    idle = srv.rss()
+    socks = []
+    with PeakRss(srv) as peak:
+        for _ in range(args.slow_readers):
+            s = socket.create_connection((host, int(port)))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request)
+            socks.append(s)
+        time.sleep(args.slow_hold)  # the measurement window: the streams back up meanwhile
+    for s in socks:
+        s.close()
+    n = max(1, len(socks))
+    return (max(0, peak.peak[0] - idle[0]) / n / 1024,
+            max(0, peak.peak[1] - idle[1]) / n / 1024)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.level.concurrency for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(xs, [r.cpu_front_us for r in rows], "o-", label="frontend")
+    a.plot(xs, [r.cpu_workers_us for r in rows], "o-", label="workers")
+    a.set_title("server CPU per output token")
+    a.set_ylabel("µs")
+    b.plot(xs, [r.mem_front_kb for r in rows], "o-", label="frontend")
+    b.plot(xs, [r.mem_workers_kb for r in rows], "o-", label="workers")
+    b.axhline(20, color="grey", linestyle="--", label="20 KB target")
+    b.set_title("peak memory per concurrent stream")
+    b.set_ylabel("KiB")
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--levels", default="1,10,100,1000")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--delay-ms", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="streams per slot and level")
+    p.add_argument("--slow-readers", type=int, default=64)
+    p.add_argument("--slow-tokens", type=int, default=20000)
+    p.add_argument("--slow-hold", type=float, default=5.0)
+    p.add_argument("--plot", default=str(Path(__file__).with_name("scale.png")))
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        p.error("--levels takes a comma list of positive integers")
+
+    srv = start(args.workers, args.delay_ms)
+    rows: list[Row] = []
+    try:
+        run_coroutine(drive(srv.url, srv.model, 4, 8, 8))  # warm-up
+        idle_rate = idle_cpu_rate(srv)
+        print(f"{'streams':>7} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+              f"{'ITL p99':>8} {'CPU/token front':>15} {'workers':>8} {'x first':>7} "
+              f"{'mem/stream front':>16} {'workers':>8} {'errors':>6}", flush=True)
+        for conc in levels:
+            r = run_level(srv, conc, args, idle_rate)
+            rows.append(r)
+            lvl, first = r.level, rows[0]
+            total = r.cpu_front_us + r.cpu_workers_us
+            ratio = total / max(1e-9, first.cpu_front_us + first.cpu_workers_us)
+
+            def ms(v: list[float], q: float) -> str:
+                return f"{percentile(v, q) * 1e3:7.1f}ms" if v else f"{'-':>9}"
+
+            print(f"{conc:>7} {lvl.requests / max(lvl.wall_s, 1e-9):>8.1f} {ms(lvl.ttft, .5)} "
+                  f"{ms(lvl.ttft, .99)} {ms(lvl.itl, .5)[1:]} {ms(lvl.itl, .99)[1:]} "
+                  f"{r.cpu_front_us:>12.1f} µs {r.cpu_workers_us:>5.1f} µs {ratio:>6.2f}x "
+                  f"{r.mem_front_kb:>13.1f} KB {r.mem_workers_kb:>5.1f} KB {lvl.errors:>6}",
+                  flush=True)
+            for reason in lvl.error_reasons:
+                print(f"        error: {reason}", file=sys.stderr)
+    finally:
+        srv.stop()
+    if args.slow_readers:
+        fast = start(args.workers, 0.0)  # the engine at full speed: streams back up at once
+        try:
+            run_coroutine(drive(fast.url, fast.model, 2, 4, 8))  # warm-up
+            front, workers = slow_readers(fast, args)
+            print(f"slow readers: {args.slow_readers} streams of {args.slow_tokens} tokens "
+                  f"never read for {args.slow_hold:g}s: memory growth per stream frontend "
+                  f"{front:.0f} KB, workers {workers:.0f} KB", flush=True)
+        finally:
+            fast.stop()
+    if args.plot and rows:
+        plot(rows, args.plot, f"scale: echo engine at {args.delay_ms:g} ms/token, "
+             f"{args.tokens} tokens/stream, {args.workers} worker(s)")
+        print(f"plot saved to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
