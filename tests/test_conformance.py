@@ -116,6 +116,10 @@ async def test_each_broken_engine_fails_its_check(
     report = await kit(engine, timeout=0.2 if engine is b.HangAfterTerminalEngine else 0.5)
     assert not report.ok
     assert kind in {f.kind for f in report.failures_of(check)}, str(report)
+    # One vocabulary with the stream validator: every kind is a FailureKind member.
+    from dynamo_backend_common.validate import FailureKind
+
+    assert all(isinstance(f.kind, FailureKind) for f in report.failures), report.failures
     message = next(f.message for f in report.failures_of(check) if f.kind == kind)
     assert len(message) > 30  # says what to fix, not just the kind
 

@@ -32,6 +32,7 @@ The rules (``LLMEngine.generate``'s contract):
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import AsyncIterator
 from typing import Final
@@ -46,15 +47,51 @@ __all__ = [
     "CHUNK_AFTER_TERMINAL",
     "INVALID_CHUNK",
     "NO_TERMINAL_CHUNK",
+    "FailureKind",
     "StreamContractError",
     "validate_stream",
     "validation_enabled",
 ]
 
-CHUNK_AFTER_TERMINAL: Final = "ChunkAfterTerminal"
-NO_TERMINAL_CHUNK: Final = "NoTerminalChunk"
-CANCELLATION_IGNORED: Final = "CancellationIgnored"
-INVALID_CHUNK: Final = "InvalidChunk"
+class FailureKind(enum.StrEnum):
+    """Every kind of contract failure, one vocabulary for the stream validator (the first four,
+    :class:`StreamContractError.violation`) and the conformance kit
+    (``ConformanceFailure.kind``). Members are ``str``: they compare equal to their names."""
+
+    ChunkAfterTerminal = "ChunkAfterTerminal"
+    NoTerminalChunk = "NoTerminalChunk"
+    CancellationIgnored = "CancellationIgnored"
+    InvalidChunk = "InvalidChunk"
+    # Found by the conformance kit (dynamo_backend_common.testing):
+    AbortFailed = "AbortFailed"
+    CancellationNotObserved = "CancellationNotObserved"
+    CancellationUntestable = "CancellationUntestable"
+    CleanupFailed = "CleanupFailed"
+    CleanupWithoutStartFailed = "CleanupWithoutStartFailed"
+    ConcurrentGenerateFailed = "ConcurrentGenerateFailed"
+    DuplicateDpRank = "DuplicateDpRank"
+    EmptyModelInConfig = "EmptyModelInConfig"
+    FactoryFailed = "FactoryFailed"
+    GenerateFailed = "GenerateFailed"
+    GenerateNotAsyncIterator = "GenerateNotAsyncIterator"
+    HangAfterTerminal = "HangAfterTerminal"
+    InvalidEngineConfig = "InvalidEngineConfig"
+    InvalidHealthCheckPayload = "InvalidHealthCheckPayload"
+    NotIdempotent = "NotIdempotent"
+    QueryFailed = "QueryFailed"
+    SecondCleanupFailed = "SecondCleanupFailed"
+    StartFailed = "StartFailed"
+    StreamCloseHung = "StreamCloseHung"
+    TypedErrorLost = "TypedErrorLost"
+    Unexpected = "Unexpected"
+    UntypedError = "UntypedError"
+    WrongErrorKind = "WrongErrorKind"
+
+
+CHUNK_AFTER_TERMINAL: Final = FailureKind.ChunkAfterTerminal
+NO_TERMINAL_CHUNK: Final = FailureKind.NoTerminalChunk
+CANCELLATION_IGNORED: Final = FailureKind.CancellationIgnored
+INVALID_CHUNK: Final = FailureKind.InvalidChunk
 
 _CHUNK_REPR_MAX: Final = 300
 
@@ -68,7 +105,8 @@ class StreamContractError(AssertionError):
     """
 
     def __init__(
-        self, violation: str, detail: str, *, request_id: str, chunk: object | None = None
+        self, violation: FailureKind, detail: str, *, request_id: str,
+        chunk: object | None = None
     ) -> None:
         self.violation = violation
         self.request_id = request_id

@@ -86,7 +86,7 @@ from ..protocols.common import (
     StopConditions,
 )
 from ..runtime.context import Context
-from ..validate import StreamContractError, validate_stream
+from ..validate import FailureKind, StreamContractError, validate_stream
 
 __all__ = [
     "CHECKS",
@@ -136,7 +136,7 @@ class ConformanceFailure:
     """One broken invariant: the ``check`` that found it, its ``kind``, and what to fix."""
 
     check: str
-    kind: str
+    kind: FailureKind
     message: str
 
     def __str__(self) -> str:
@@ -490,20 +490,20 @@ class _Check:
         self.name = name
         self.failed = False
 
-    def fail(self, kind: str, message: str) -> None:
+    def fail(self, kind: FailureKind, message: str) -> None:
         self.failed = True
         self.report.failures.append(ConformanceFailure(self.name, kind, message))
 
 
-_FIX: Final[Mapping[str, str]] = {
-    "NoTerminalChunk": "end every stream with exactly one terminal chunk "
+_FIX: Final[Mapping[FailureKind, str]] = {
+    FailureKind.NoTerminalChunk: "end every stream with exactly one terminal chunk "
     "(LLMEngineOutput.stop()/.length()/.cancelled()) or raise DynamoError",
-    "HangAfterTerminal": "return from generate right after yielding the terminal chunk; "
-    "a generator that keeps running holds the request in flight and stalls shutdown",
-    "CancellationIgnored": "once ctx.is_stopped() is true, yield LLMEngineOutput.cancelled() "
-    "(with usage) as the terminal and return",
-    "GenerateNotAsyncIterator": "write generate as `async def generate(self, request, ctx):` "
-    "with `yield` (an async generator), not a coroutine returning a stream",
+    FailureKind.HangAfterTerminal: "return from generate right after yielding the terminal "
+    "chunk; a generator that keeps running holds the request in flight and stalls shutdown",
+    FailureKind.CancellationIgnored: "once ctx.is_stopped() is true, yield "
+    "LLMEngineOutput.cancelled() (with usage) as the terminal and return",
+    FailureKind.GenerateNotAsyncIterator: "write generate as `async def generate(self, request, "
+    "ctx):` with `yield` (an async generator), not a coroutine returning a stream",
 }
 
 
@@ -512,22 +512,23 @@ def _stream_failure(check: _Check, run: _Run, what: str) -> bool:
     before = len(check.report.failures)
     err = run.error
     if isinstance(err, _NotAsyncIterator):
-        kind = "GenerateNotAsyncIterator"
+        kind = FailureKind.GenerateNotAsyncIterator
         check.fail(kind, f"{what}: generate returned a {err}; {_FIX[kind]}")
     elif isinstance(err, StreamContractError):
         check.fail(err.violation, f"{what}: {err}")  # its message already says what to fix
     elif run.timed_out and run.terminal is not None:
-        kind = "HangAfterTerminal"
+        kind = FailureKind.HangAfterTerminal
         check.fail(kind, f"{what}: the stream did not end after its terminal chunk; {_FIX[kind]}")
     elif run.timed_out:
-        kind = "NoTerminalChunk"
+        kind = FailureKind.NoTerminalChunk
         check.fail(
             kind,
             f"{what}: no terminal chunk before the timeout ({run.chunks} chunks); {_FIX[kind]}",
         )
     if run.close_hung:
         check.fail(
-            "HangAfterTerminal" if run.terminal is not None else "StreamCloseHung",
+            (FailureKind.HangAfterTerminal if run.terminal is not None
+             else FailureKind.StreamCloseHung),
             f"{what}: closing the stream (aclose) did not finish within {_CLOSE_TIMEOUT_S}s; "
             "keep the generator's finally blocks short and cancellable",
         )
@@ -592,7 +593,7 @@ class _Kit:
         try:
             await fn(check)
         except Exception as exc:  # a kit bug or an engine failure the check did not foresee
-            check.fail("Unexpected", f"{type(exc).__name__}: {exc}")
+            check.fail(FailureKind.Unexpected, f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - t0
         if check.failed:
             self._tell(CheckProgress(name, "FAIL", seconds, tuple(self.report.failures_of(name))))
@@ -623,11 +624,12 @@ class _Kit:
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:
-            check.fail("FactoryFailed", f"the engine factory raised {type(exc).__name__}: {exc}")
+            check.fail(FailureKind.FactoryFailed,
+                       f"the engine factory raised {type(exc).__name__}: {exc}")
             return None
         if not isinstance(result, LLMEngine):
             check.fail(
-                "FactoryFailed",
+                FailureKind.FactoryFailed,
                 f"the factory returned {type(result).__name__}, expected an LLMEngine subclass",
             )
             return None
@@ -644,25 +646,25 @@ class _Kit:
             )
         except TimeoutError:
             check.fail(
-                "StartFailed",
+                FailureKind.StartFailed,
                 f"start() did not return within {self.start_timeout}s; an engine that loads "
                 "for longer needs a larger start_timeout= (--start-timeout SECONDS)",
             )
             return
         except Exception as exc:
             hint = "" if isinstance(exc, DynamoError) else " (raise DynamoError for typed errors)"
-            check.fail("StartFailed", f"start() raised {type(exc).__name__}: {exc}{hint}")
+            check.fail(FailureKind.StartFailed, f"start() raised {type(exc).__name__}: {exc}{hint}")
             return
         self.started = True
         if not isinstance(config, EngineConfig):
             check.fail(
-                "InvalidEngineConfig",
+                FailureKind.InvalidEngineConfig,
                 f"start() returned {type(config).__name__}; return an EngineConfig",
             )
             return
         if not isinstance(config.model, str) or not config.model.strip():
             check.fail(
-                "EmptyModelInConfig",
+                FailureKind.EmptyModelInConfig,
                 f"start() returned EngineConfig(model={config.model!r}); set model to the "
                 "canonical model id (e.g. the HF repo name), a non-empty string",
             )
@@ -673,7 +675,8 @@ class _Kit:
         try:
             config.validate()
         except DynamoError as exc:
-            check.fail("InvalidEngineConfig", f"EngineConfig.validate() failed: {exc.message}")
+            check.fail(FailureKind.InvalidEngineConfig,
+                       f"EngineConfig.validate() failed: {exc.message}")
 
     async def check_single(self, check: _Check, engine: LLMEngine) -> None:
         run = await _consume(engine, self.request, mock_context("conformance-single"), self.timeout)
@@ -681,7 +684,7 @@ class _Kit:
             return
         if not run.ended_ok:
             check.fail(
-                "GenerateFailed",
+                FailureKind.GenerateFailed,
                 f"a single valid generate {_describe(run)}; a valid request must succeed "
                 "(raise DynamoError only for requests the engine cannot serve)",
             )
@@ -761,7 +764,7 @@ class _Kit:
                 "queue work rather than rejecting it"
             )
         check.fail(
-            "ConcurrentGenerateFailed",
+            FailureKind.ConcurrentGenerateFailed,
             f"{len(bad)} of {len(runs)} {how} generates failed: {examples}{more}; {advice}",
         )
 
@@ -774,35 +777,36 @@ class _Kit:
         if ctx.stopped_at is None:
             if run.terminal is not None and run.chunks == 1:
                 check.fail(
-                    "CancellationUntestable",
+                    FailureKind.CancellationUntestable,
                     "the first chunk was already terminal, so the kit could not stop the stream "
                     "mid-way; make the engine stream one chunk per token (or pass a request= "
                     "that yields more than one chunk)",
                 )
             else:
                 if not _stream_failure(check, run, "the stream to cancel"):
-                    check.fail("GenerateFailed", f"the stream to cancel {_describe(run)}")
+                    check.fail(FailureKind.GenerateFailed, f"the stream to cancel {_describe(run)}")
             return
         if run.abort_problem is not None:
             check.fail(
-                "AbortFailed",
+                FailureKind.AbortFailed,
                 f"{run.abort_problem}; the worker calls abort(ctx) on every explicit stop: keep "
                 "it short, and never let it raise",
             )
-        fix = _FIX["CancellationIgnored"]
+        fix = _FIX[FailureKind.CancellationIgnored]
         err = run.error
-        if isinstance(err, StreamContractError) and err.violation == "CancellationIgnored":
-            check.fail("CancellationIgnored", str(err))  # says what to fix
+        if (isinstance(err, StreamContractError)
+                and err.violation == FailureKind.CancellationIgnored):
+            check.fail(FailureKind.CancellationIgnored, str(err))  # says what to fix
         elif run.timed_out and run.terminal is None:
             check.fail(
-                "CancellationNotObserved",
+                FailureKind.CancellationNotObserved,
                 f"the stream was still running {self.cancel_timeout}s after ctx.stop_generating()"
                 f" ({run.chunks - 1} chunks after the stop); check ctx.is_stopped() between "
                 "chunks, or race long waits against `await ctx.stopped()`",
             )
         elif isinstance(err, DynamoError):
             check.fail(
-                "CancellationIgnored",
+                FailureKind.CancellationIgnored,
                 f"after the stop the engine raised DynamoError({err.kind.value}: {err.message})"
                 f" instead of ending cleanly; {fix}",
             )
@@ -810,13 +814,13 @@ class _Kit:
             pass
         elif err is not None:
             check.fail(
-                "CancellationIgnored",
+                FailureKind.CancellationIgnored,
                 f"after the stop the engine raised {type(err).__name__}: {err}; {fix}",
             )
         elif run.terminal is None or run.terminal.finish_reason != FinishReason.CANCELLED:
             reason = run.terminal.finish_reason if run.terminal is not None else None
             check.fail(
-                "CancellationIgnored",
+                FailureKind.CancellationIgnored,
                 f"the stream was stopped after its first chunk but ended with finish_reason "
                 f"{reason}; {fix}",
             )
@@ -834,7 +838,7 @@ class _Kit:
             if isinstance(err, DynamoError):
                 if err.kind is not BackendError.InvalidArgument:
                     check.fail(
-                        "WrongErrorKind",
+                        FailureKind.WrongErrorKind,
                         f"{what} raised DynamoError({err.kind.value}); a request the engine "
                         "cannot serve is DynamoError.invalid_argument(...) (a 4xx for clients)",
                     )
@@ -842,7 +846,7 @@ class _Kit:
                 err, StreamContractError | _NotAsyncIterator
             ):
                 check.fail(
-                    "UntypedError",
+                    FailureKind.UntypedError,
                     f"{what} raised {type(err).__name__}: {err}; validate the request and raise "
                     "DynamoError.invalid_argument(...) so clients get a typed error",
                 )
@@ -852,13 +856,13 @@ class _Kit:
                 run.terminal.finish_reason.is_error
             ):
                 check.fail(
-                    "TypedErrorLost",
+                    FailureKind.TypedErrorLost,
                     f"{what} ended with LLMEngineOutput.error(...) ({run.terminal.finish_reason}),"
                     " which loses the error kind; raise DynamoError.invalid_argument(...) instead",
                 )
 
     async def check_health_payload(self, check: _Check, engine: LLMEngine) -> None:
-        kind = "InvalidHealthCheckPayload"
+        kind = FailureKind.InvalidHealthCheckPayload
         try:
             payload: Any = await asyncio.wait_for(engine.health_check_payload(), self.timeout)
         except Exception as exc:
@@ -887,30 +891,32 @@ class _Kit:
             first = await asyncio.wait_for(engine.kv_event_sources(), self.timeout)
             second = await asyncio.wait_for(engine.kv_event_sources(), self.timeout)
         except Exception as exc:
-            check.fail("QueryFailed", f"kv_event_sources() raised {type(exc).__name__}: {exc}")
+            check.fail(FailureKind.QueryFailed,
+                       f"kv_event_sources() raised {type(exc).__name__}: {exc}")
         else:
             a, b = _source_keys(first), _source_keys(second)
             if a != b:
                 check.fail(
-                    "NotIdempotent",
+                    FailureKind.NotIdempotent,
                     f"kv_event_sources() returned {a} then {b}; return the same sources on "
                     "every call (build them in start())",
                 )
             ranks = [k[1] for k in a]
             if len(ranks) != len(set(ranks)):
                 check.fail(
-                    "DuplicateDpRank",
+                    FailureKind.DuplicateDpRank,
                     f"kv_event_sources() has more than one source for a dp_rank: {ranks}",
                 )
         try:
             c1 = await asyncio.wait_for(engine.supported_controls(), self.timeout)
             c2 = await asyncio.wait_for(engine.supported_controls(), self.timeout)
         except Exception as exc:
-            check.fail("QueryFailed", f"supported_controls() raised {type(exc).__name__}: {exc}")
+            check.fail(FailureKind.QueryFailed,
+                       f"supported_controls() raised {type(exc).__name__}: {exc}")
         else:
             if list(c1) != list(c2):
                 check.fail(
-                    "NotIdempotent",
+                    FailureKind.NotIdempotent,
                     f"supported_controls() returned {c1!r} then {c2!r}; return a fixed list",
                 )
 
@@ -921,7 +927,8 @@ class _Kit:
             return
         self.cleaned = True  # whatever happens below, the kit does not clean it up again
         when = "after start()" if self.started else "after a failed start() (partial state)"
-        for kind, which in (("CleanupFailed", "the first"), ("SecondCleanupFailed", "a second")):
+        for kind, which in ((FailureKind.CleanupFailed, "the first"),
+                            (FailureKind.SecondCleanupFailed, "a second")):
             try:
                 await asyncio.wait_for(engine.cleanup(), self.timeout)
             except TimeoutError:
@@ -929,7 +936,7 @@ class _Kit:
             except Exception as exc:
                 hint = (
                     "cleanup must be null-safe and release what exists"
-                    if kind == "CleanupFailed"
+                    if kind == FailureKind.CleanupFailed
                     else "cleanup must be idempotent: remember it ran and return at once"
                 )
                 check.fail(
@@ -940,7 +947,7 @@ class _Kit:
         engine = await self._make(check)
         if engine is None:
             return
-        kind = "CleanupWithoutStartFailed"
+        kind = FailureKind.CleanupWithoutStartFailed
         try:
             await asyncio.wait_for(engine.cleanup(), self.timeout)
         except TimeoutError:
