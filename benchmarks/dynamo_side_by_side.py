@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from dynamo_backend_common.bench import run_levels
+from dynamo_backend_common.cli.bench import run_levels
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "src" / "dynamo_backend_common" / "_data" / "tiny-model"

@@ -9,7 +9,7 @@ speed, so every figure is serving overhead: HTTP parsing, chat template and toke
 routing, the request plane, detokenization, SSE), then for each concurrency level drives
 ``--requests`` streaming chat completions (``max_tokens`` tokens each, ``ignore_eos``) with
 that many in flight, with the load generator of ``dynamo-backend bench``
-(:mod:`dynamo_backend_common.bench`) in this process. Prints requests/s, output tokens/s,
+(:mod:`dynamo_backend_common.cli.bench`) in this process. Prints requests/s, output tokens/s,
 TTFT (request sent -> first content chunk) and ITL (gap between content chunks) p50 / p99, the
 server's CPU per request (frontend process, worker processes; from ``/proc``), and saves the
 TTFT and ITL distributions as a PNG (``--plot``).
@@ -44,7 +44,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dynamo_backend_common.bench import Level, parse_levels, plot_cdfs, run_levels
+from dynamo_backend_common.cli.bench import Level, parse_levels, plot_cdfs, run_levels
 
 _URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 

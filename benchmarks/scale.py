@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynamo_backend_common.bench import DEFAULT_PROMPT, Level, drive, percentile
+from dynamo_backend_common.cli.bench import DEFAULT_PROMPT, Level, drive, percentile
 from dynamo_backend_common.runtime.loop import run_coroutine
 
 _URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")

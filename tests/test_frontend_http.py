@@ -335,7 +335,7 @@ def test_cli_run_and_frontend_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_run_gives_the_mocker_the_model_vocabulary() -> None:
     from pathlib import Path
 
-    from dynamo_backend_common.frontend.launcher import LocalRunConfig, worker_argv
+    from dynamo_backend_common.cli.launcher import LocalRunConfig, worker_argv
 
     d = Path("/m")
     argv = worker_argv(LocalRunConfig(engine="mocker", engine_args=["--speedup-ratio", "0"]),

@@ -78,7 +78,7 @@ def test_bench_reports_a_server_error_event_inside_a_200_stream() -> None:
     with that event as its reason, not a success with no tokens."""
     import asyncio
 
-    from dynamo_backend_common.bench import drive
+    from dynamo_backend_common.cli.bench import drive
 
     event = b'data: {"error":{"message":"engine exploded","type":"internal_error"}}\n\n'
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .runtime.loop import run_coroutine
+from ..runtime.loop import run_coroutine
 
 __all__ = ["DEFAULT_PROMPT", "Level", "drive", "main", "percentile", "plot_cdfs",
            "run_levels"]

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..frontend.http import HttpServer
+from ..frontend.model_manager import WorkerEntry
+from ..frontend.server import Frontend, FrontendConfig
 from ..model_dir import ModelDir, ModelDirError
-from .http import HttpServer
-from .model_manager import WorkerEntry
-from .server import Frontend, FrontendConfig
 
 __all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
 

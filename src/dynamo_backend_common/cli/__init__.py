@@ -30,9 +30,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .engine import LLMEngine
-from .runtime.loop import run_coroutine
-from .runtime.planes import add_plane_args
+from ..engine import LLMEngine
+from ..runtime.loop import run_coroutine
+from ..runtime.planes import add_plane_args
 
 ENGINE_ALIASES = {
     "echo": "dynamo_backend_common.engines.echo:EchoEngine",
@@ -81,7 +81,7 @@ def load_engine_class(spec: str) -> type[LLMEngine]:
     if not (inspect.isclass(cls) and issubclass(cls, LLMEngine)):
         what = f"class {cls.__name__}" if inspect.isclass(cls) else type(cls).__name__
         raise SystemExit(f"{target!r} is a {what}, not an LLMEngine subclass")
-    from .worker.lifecycle import check_engine_methods
+    from ..worker.lifecycle import check_engine_methods
 
     try:
         check_engine_methods(cls)
@@ -117,8 +117,8 @@ def _split_engine_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _cmd_worker(args: argparse.Namespace, rest: list[str]) -> int:
-    from .worker import run
-    from .worker.config import WorkerConfig
+    from ..worker import run
+    from ..worker.config import WorkerConfig
 
     cls = load_engine_class(args.engine)
     factory = engine_factory(cls, rest)
@@ -135,8 +135,8 @@ def _cmd_conformance(args: argparse.Namespace, rest: list[str]) -> int:
     Each check's name is printed (flushed) when it starts and completed with ``ok``/``FAIL``/
     ``skip`` and its time when it ends, so a hanging engine shows the check it hangs in at once.
     """
-    from .log_setup import configure_logging
-    from .testing import CheckProgress, run_conformance
+    from ..log_setup import configure_logging
+    from ..testing import CheckProgress, run_conformance
 
     for flag, value in (("--timeout", args.timeout), ("--start-timeout", args.start_timeout)):
         if value is not None and not value > 0:
@@ -168,7 +168,7 @@ def _cmd_conformance(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _router_args(p: argparse.ArgumentParser) -> None:
-    from .frontend.routing import HEADER_WORKER_INSTANCE_ID, normalize_router_mode
+    from ..frontend.routing import HEADER_WORKER_INSTANCE_ID, normalize_router_mode
 
     def router_mode(value: str) -> str:
         try:
@@ -215,8 +215,8 @@ def _router_args(p: argparse.ArgumentParser) -> None:
 
 
 def _openai_args(p: argparse.ArgumentParser) -> None:
-    from .frontend.reasoning import REASONING_PARSERS
-    from .frontend.tool_calls import TOOL_CALL_PARSERS
+    from ..frontend.reasoning import REASONING_PARSERS
+    from ..frontend.tool_calls import TOOL_CALL_PARSERS
 
     env = os.environ.get
     p.add_argument("--tool-call-parser", default=env("DYN_TOOL_CALL_PARSER", "auto"),
@@ -256,10 +256,10 @@ def _openai_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
-    from .frontend.launcher import serve_frontend
-    from .frontend.server import FrontendConfig
-    from .log_setup import configure_logging
-    from .runtime.planes import resolve_discovery, resolve_events
+    from ..frontend.server import FrontendConfig
+    from ..log_setup import configure_logging
+    from ..runtime.planes import resolve_discovery, resolve_events
+    from .launcher import serve_frontend
 
     if rest:
         raise SystemExit(f"frontend: unknown arguments: {' '.join(rest)}")
@@ -275,8 +275,8 @@ def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
-    from .frontend.launcher import LocalRunConfig, run_local
-    from .log_setup import configure_logging
+    from ..log_setup import configure_logging
+    from .launcher import LocalRunConfig, run_local
 
     load_engine_class(args.engine)  # fail fast on a bad spec, before starting anything
     configure_logging(os.environ.get("DYN_LOG") or "warning")
@@ -328,7 +328,7 @@ def _reject_unknown(parser: argparse.ArgumentParser, command: str, unknown: list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .worker.config import add_worker_args
+    from ..worker.config import add_worker_args
 
     parser = argparse.ArgumentParser(
         prog="dynamo-backend",
@@ -453,7 +453,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         _reject_unknown(args.command_parser, args.command, unknown)
     func: Callable[[argparse.Namespace, list[str]], int] = args.func
     return func(args, engine_argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
