@@ -11,56 +11,48 @@ and recorded as ``dynamo_component_shutdown_stage_seconds{stage,reason}``. ``cle
 exactly once if ``start()`` was called (also after a failed start, with a 5 s floor) and never
 if shutdown came first. A watchdog force-exits (70) past budget + 5 s; a second signal exits
 (70) at once.
+
+The pieces live beside it: :mod:`.config` (``WorkerConfig`` and its flags),
+:mod:`.registration` (the instance record and model card), :mod:`.publishing` (KV events and
+load snapshots on the event plane), :mod:`.health` (the canary and ``/health``),
+:mod:`.shutdown` (the stages, their outcomes and the stage runner), :mod:`.adapter` (requests
+into ``generate``) and :mod:`.metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import inspect
 import logging
-import math
 import os
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ..engine import (
-    HEALTH_CHECK_KEY,
     EngineConfig,
     LLMEngine,
     MetricsCtx,
-    PushKvEventSource,
-    ZmqKvEventSource,
 )
 from ..errors import DynamoError
-from ..protocols.codec import convert, from_msgpack, to_builtins, to_json, to_msgpack
-from ..protocols.common import PreprocessedRequest
+from ..protocols.codec import from_msgpack, to_builtins, to_json, to_msgpack
 from ..protocols.discovery import (
     InstanceInfo,
     ModelCard,
-    ModelDeploymentCard,
-    RuntimeConfig,
-    checked_files,
     endpoint_path,
     instance_key,
     model_key,
-    slugify,
 )
-from ..protocols.kv import LoadSnapshot, RouterEvent, encode_kv_events, encode_load
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import (
     EventPlane,
     default_event_url,
-    kv_events_subject,
-    kv_metrics_subject,
     open_event_plane,
 )
 from ..runtime.loop import run_coroutine
@@ -71,7 +63,11 @@ from ..runtime.transport import RequestPlaneServer
 from ..runtime.transport.callhome import CallHomeServer
 from .adapter import EngineAdapter
 from .config import DisaggregationMode, WorkerConfig, env_health_check_payload
+from .health import canary_loop, health_verdict, run_canary
 from .metrics import WorkerMetrics
+from .publishing import load_sink, start_kv_events
+from .registration import build_instance_info, build_model_card, metadata_base, serve_metadata
+from .shutdown import Outcome, Stage, run_stage
 from .tracker import RequestTracker
 
 log = logging.getLogger("dynamo_backend_common.worker")
@@ -375,31 +371,19 @@ class Worker:
         )
         if bindings.dp_ranks:
             metrics.declare_dp_ranks(bindings.dp_ranks)
-            events = self._events
-            subject = kv_metrics_subject(cfg.namespace, cfg.component)
-            worker_id = self.worker_id
-            kv_routing = cfg.enable_kv_routing
-
-            def on_snapshot(snap: Any) -> None:
-                metrics.on_snapshot(snap)
-                if kv_routing:
-                    # Dynamo's ActiveLoad (kv_metrics), plus our kv_total_blocks when known.
-                    events.publish(subject, encode_load(LoadSnapshot(
-                        worker_id=worker_id,
-                        dp_rank=snap.dp_rank,
-                        kv_used_blocks=snap.kv_used_blocks,
-                        kv_total_blocks=snap.kv_total_blocks or None,
-                    )))
-
-            if kv_routing:
-                events.prepare_publish(subject)  # routers connect before the first load
-            publisher = SnapshotPublisher(bindings.dp_ranks, on_snapshot, loop)
+            sink = load_sink(self._events, cfg, self.worker_id, metrics.on_snapshot)
+            publisher = SnapshotPublisher(bindings.dp_ranks, sink, loop)
             self._publishers.append(publisher)
             if bindings.on_publisher_ready is not None:
                 bindings.on_publisher_ready(publisher)
 
         if cfg.enable_kv_routing:
-            await self._setup_kv_events(engine_cfg, loop)
+            started = await start_kv_events(self.engine, engine_cfg, self._events, cfg,
+                                            self.worker_id, loop)
+            if started is not None:
+                self._publishers.extend(started[0])
+                self._relays.extend(started[1])
+                self._publishes_kv_events = True
             # The channels are announced before the worker registers: a router that finds the
             # worker is already following its events (the ZMQ plane loses what it publishes
             # before a subscriber connects).
@@ -422,92 +406,6 @@ class Worker:
         self._health = {"canary": "pending" if payload is not None else "disabled"}
         self._controls = list(await self.engine.supported_controls())
 
-    async def _setup_kv_events(
-        self, engine_cfg: EngineConfig, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        sources = await self.engine.kv_event_sources()
-        if not sources:
-            return
-        block_size = engine_cfg.kv_cache_block_size
-        if block_size is None:
-            log.warning("engine declared KV event sources without kv_cache_block_size; "
-                        "KV events are not published")
-            return
-        assert self._events is not None and self.worker_id is not None
-        cfg = self.config
-        events = self._events
-        subject = kv_events_subject(cfg.namespace, cfg.component)
-        events.prepare_publish(subject)
-
-        # Events produced together (one engine step, one relayed batch: the same loop turn)
-        # go out as one message, a list of RouterEvent as Dynamo sends them (at most
-        # batch_max per message).
-        pending: list[RouterEvent] = []
-        batch_max = 1024
-
-        def flush() -> None:
-            if pending:
-                batch = pending[:]
-                pending.clear()
-                events.publish(subject, encode_kv_events(batch))
-
-        def sink(event: RouterEvent) -> None:
-            if not pending:
-                loop.call_soon(flush)
-            pending.append(event)
-            if len(pending) >= batch_max:
-                flush()
-
-        for source in sources:
-            publisher = KvEventPublisher(self.worker_id, source.dp_rank, sink, loop)
-            self._publishers.append(publisher)
-            if isinstance(source, PushKvEventSource):
-                source.on_ready(publisher)
-            elif isinstance(source, ZmqKvEventSource):
-                from .zmq_kv_relay import ZmqKvEventRelay
-
-                relay = ZmqKvEventRelay(source, publisher, block_size=block_size)
-                await relay.start()
-                self._relays.append(relay)
-            else:
-                raise DynamoError.invalid_argument(f"unknown KV event source {source!r}")
-        self._publishes_kv_events = True
-        log.info("publishing KV events for dp ranks %s", [s.dp_rank for s in sources])
-
-    def _metadata_base(self, display_name: str) -> str | None:
-        """Where the status server serves the model files (Dynamo's ``/v1/metadata/...``), so
-        frontends on other hosts can fetch them; ``None`` (local paths in the card) without a
-        status server or with ``DYN_SELF_HOST_METADATA=0``."""
-        if self._status is None or os.environ.get("DYN_SELF_HOST_METADATA", "1").strip() in (
-                "0", "false", "no", "off"):
-            return None
-        cfg = self.config
-        host = _reachable_host(cfg.status_host, cfg.advertise_host)
-        return (f"http://{host}:{self._status.port}/v1/metadata/{cfg.namespace}/"
-                f"{cfg.component}/{cfg.endpoint}/{slugify(display_name)}/_base")
-
-    def _serve_metadata(self, card: ModelCard) -> None:
-        """GET routes for every card file that names a URL on this worker's status server."""
-        if self._status is None or not self.config.model_path:
-            return
-        prefix = f"http://{_reachable_host(self.config.status_host, self.config.advertise_host)}:"
-        prefix += f"{self._status.port}"
-        root = os.path.abspath(self.config.model_path)
-        for name, cf in card.card_json.files().items():
-            if not cf.path.startswith(prefix + "/"):
-                continue
-            file_path = os.path.join(root, name)
-
-            async def serve(_body: bytes, file_path: str = file_path) -> tuple[int, str, bytes]:
-                try:
-                    data = await asyncio.to_thread(Path(file_path).read_bytes)
-                except OSError as exc:
-                    return 404, "application/json", to_json(
-                        {"status": "error", "message": str(exc)})
-                return 200, "application/octet-stream", data
-
-            self._status.add_route("GET", cf.path[len(prefix):], serve)
-
     @property
     def endpoint_path(self) -> str:
         """Dynamo's request-plane path of the serving endpoint, ``{id:x}/{ns}/{comp}/{ep}``."""
@@ -522,27 +420,13 @@ class Worker:
         cfg = self.config
         assert self._discovery is not None and self.worker_id is not None
         assert self._server is not None
-        bind_host, _, port = self._server.address.rpartition(":")
-        advertise = cfg.advertise_host or _reachable_host(bind_host)
-        info = InstanceInfo(
-            namespace=cfg.namespace,
-            component=cfg.component,
-            endpoint=cfg.endpoint,
-            instance_id=self.worker_id,
-            # A mux worker advertises its private protocol under its own transport name, so
-            # a Dynamo frontend never mistakes it for its TCP request plane.
-            transport=({"tcp": f"{advertise}:{port}/{self.endpoint_path}"}
-                       if cfg.request_plane == "tcp" else
-                       {"mux": f"{advertise}:{port}/{cfg.endpoint}"}),
-            request_plane_codec="msgpack",
-            mux=(f"{advertise}:{self._mux_server.address.rpartition(':')[2]}/{cfg.endpoint}"
-                 if self._mux_server is not None else None),
-            status_url=(f"http://{_reachable_host(cfg.status_host, cfg.advertise_host)}:"
-                        f"{self._status.port}"
-                        if self._status is not None else None),
-        )
+        info = build_instance_info(
+            cfg, self.worker_id, self._server.address,
+            self._mux_server.address if self._mux_server is not None else None,
+            self._status.port if self._status is not None else None)
         card = self.build_model_card(engine_cfg)
-        self._serve_metadata(card)
+        if self._status is not None:
+            serve_metadata(self._status, cfg, card)
         ikey = instance_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
         mkey = model_key(cfg.namespace, cfg.component, cfg.endpoint, self.worker_id)
         self.instance_info = info
@@ -557,74 +441,14 @@ class Worker:
             )
 
     def build_model_card(self, engine_cfg: EngineConfig) -> ModelCard:
-        """The model card registered for this worker: Dynamo's ``v1/mdc`` record, whose
-        ``card_json`` names the model directory's files with blake3 checksums (see
-        ``protocols.discovery``)."""
-        cfg = self.config
+        """The model card this worker registers (:func:`.registration.build_model_card`)."""
         assert self.worker_id is not None
-        mode = cfg.disaggregation_mode
         display_name = self._served_name(engine_cfg)
-        files = (checked_files(cfg.model_path, url_base=self._metadata_base(display_name))
-                 if cfg.model_path else {})
-        types = [t.strip().lower() for t in cfg.endpoint_types.split(",") if t.strip()]
-        names = {"chat": "Chat", "completions": "Completions", "completion": "Completions"}
-        model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
-        if mode is DisaggregationMode.PREFILL:
-            model_type = "Prefill"
-        disagg = None
-        if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
-            disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
-                      "bootstrap_port": engine_cfg.bootstrap_port}
-        card = ModelCard(
-            namespace=cfg.namespace,
-            component=cfg.component,
-            endpoint=cfg.endpoint,
-            instance_id=self.worker_id,
-            card_json=ModelDeploymentCard(
-                display_name=display_name,
-                slug=slugify(display_name),
-                model=engine_cfg.model,
-                source_path=os.path.abspath(cfg.model_path) if cfg.model_path else None,
-                architectural_max_context_length=self._model_context_length(),
-                context_length=engine_cfg.context_length or 0,
-                model_type=model_type,
-                worker_type=mode.value,
-                # Dynamo requires a block size; 16 (its default) when the engine has no KV
-                # cache to report.
-                kv_cache_block_size=engine_cfg.kv_cache_block_size or 16,
-                migration_limit=cfg.migration_limit,
-                runtime_config=RuntimeConfig(
-                    # 0 when the engine reports none, as Dynamo's workers write it: the value
-                    # enters the card checksum, so a pool mixing them must agree on it.
-                    context_length=engine_cfg.context_length or 0,
-                    total_kv_blocks=engine_cfg.total_kv_blocks,
-                    max_num_seqs=engine_cfg.max_num_seqs,
-                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
-                    tool_call_parser=cfg.tool_call_parser,
-                    reasoning_parser=cfg.reasoning_parser,
-                    data_parallel_size=engine_cfg.data_parallel_size or 1,
-                    data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
-                    kv_event_publishing_enabled=self._publishes_kv_events,
-                    runtime_data=dict(engine_cfg.runtime_data),
-                    disaggregated_endpoint=disagg,
-                    supported_controls=list(self._controls),
-                ),
-            ),
-        )
-        for field_name, group in files.items():
-            setattr(card.card_json, field_name, group)
-        return card
-
-    def _model_context_length(self) -> int | None:
-        if not self.config.model_path:
-            return None
-        from ..model_dir import ModelDirError, model_context_length
-
-        try:
-            return model_context_length(self.config.model_path)
-        except ModelDirError as exc:
-            log.warning("model directory: %s", exc)
-            return None
+        port = self._status.port if self._status is not None else None
+        return build_model_card(
+            self.config, engine_cfg, self.worker_id, display_name=display_name,
+            files_url_base=metadata_base(self.config, port, display_name),
+            publishes_kv_events=self._publishes_kv_events, controls=self._controls)
 
     async def _wait_for_shutdown(self) -> None:
         assert self._discovery is not None
@@ -643,65 +467,24 @@ class Worker:
     def _render_metrics(self) -> bytes:
         return self._metrics.render() if self._metrics is not None else b""
 
-    # -- health ---------------------------------------------------------------------------
+    # -- health (worker/health.py) ---------------------------------------------------------
     async def _health_check(self) -> tuple[bool, dict[str, Any]]:
-        ready = self.ready.is_set() and not self._shutdown.is_set()
-        details = dict(self._health)
-        details["worker_id"] = f"{self.worker_id:x}" if self.worker_id is not None else None
-        if self._shutdown.is_set():
-            details["shutdown"] = self._shutdown_reason
-        # With a canary, readiness is the canary's verdict: not ready until one passed.
-        return ready and details.get("canary") in ("ok", "disabled"), details
+        return health_verdict(
+            ready=self.ready.is_set(),
+            shutdown_reason=self._shutdown_reason if self._shutdown.is_set() else None,
+            worker_id=self.worker_id, health=self._health)
 
     async def run_canary(self) -> None:
         """Send the canary through the same adapter as real requests; record the outcome."""
         assert self._adapter is not None and self._canary is not None
-        payload = dict(self._canary)
-        payload[HEALTH_CHECK_KEY] = True
-        started = time.perf_counter()
-        try:
-            request = convert(payload, PreprocessedRequest)
-
-            async def consume() -> int:
-                assert self._adapter is not None
-                n = 0
-                # Closed here, not left to garbage collection: the request must leave the
-                # tracker and the metrics when the canary ends.
-                async with contextlib.aclosing(
-                    self._adapter.generate(request, Context(), {})
-                ) as stream:
-                    async for out in stream:
-                        n += 1
-                        if out.finish_reason is not None:
-                            break
-                return n
-
-            chunks = await asyncio.wait_for(consume(), self.config.health_check_timeout_secs)
-            self._health = {"canary": "ok", "canary_chunks": chunks,
-                            "canary_ms": round((time.perf_counter() - started) * 1e3, 3)}
-        except TimeoutError:
-            timeout = self.config.health_check_timeout_secs
-            self._health = {"canary": "failed",
-                            "canary_error": f"no terminal chunk within {timeout}s"}
-            log.warning("health canary failed: no terminal chunk within %ss", timeout)
-        except DynamoError as exc:
-            if exc.kind.value == "EngineShutdown":
-                return
-            self._health = {"canary": "failed", "canary_error": str(exc)}
-            log.warning("health canary failed: %s", exc)
-        except Exception as exc:
-            self._health = {"canary": "failed", "canary_error": f"{type(exc).__name__}: {exc}"}
-            log.warning("health canary failed: %s", exc)
+        outcome = await run_canary(self._adapter, self._canary,
+                                   self.config.health_check_timeout_secs)
+        if outcome is not None:
+            self._health = outcome
 
     async def _canary_loop(self) -> None:
-        while not self._shutdown.is_set():
-            await self.run_canary()
-            try:
-                await asyncio.wait_for(
-                    self._shutdown.wait(), self.config.health_check_interval_secs
-                )
-            except TimeoutError:
-                continue
+        await canary_loop(self.run_canary, self._shutdown,
+                          self.config.health_check_interval_secs)
 
     # -- engine controls ------------------------------------------------------------------
     async def control(self, name: str, body: Any) -> Any:
@@ -755,33 +538,33 @@ class Worker:
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        await self._stage("unregister", self._unregister(), remaining())
+        await self._stage(Stage.UNREGISTER, self._unregister(), remaining())
         if serving and budget.router_grace > 0 and remaining() > 0:
-            await self._stage("router_grace", asyncio.sleep(min(budget.router_grace,
+            await self._stage(Stage.ROUTER_GRACE, asyncio.sleep(min(budget.router_grace,
                                                                 remaining())), None)
         else:
-            self._record("router_grace", "skipped", 0.0)
+            self._record(Stage.ROUTER_GRACE, Outcome.SKIPPED, 0.0)
         t = time.perf_counter()
         self._tracker.stop_accepting()
-        self._record("stop_admission", "completed", time.perf_counter() - t)
-        await self._stage("inflight", self._wait_inflight(), min(budget.inflight, remaining()),
+        self._record(Stage.STOP_ADMISSION, Outcome.COMPLETED, time.perf_counter() - t)
+        await self._stage(Stage.INFLIGHT, self._wait_inflight(), min(budget.inflight, remaining()),
                           zero_ok=True)
         if self._canary_task is not None:
             self._canary_task.cancel()
             await asyncio.gather(self._canary_task, return_exceptions=True)
         if started_engine and self._state is _State.RUNNING:
             t = time.perf_counter()
-            await self._stage("kv_transfer", self._drain(),
+            await self._stage(Stage.KV_TRANSFER, self._drain(),
                               min(budget.kv_transfer, remaining()))
             if self._metrics is not None:
                 self._metrics.set_drain_time(time.perf_counter() - t)
         else:
-            self._record("kv_transfer", "skipped", 0.0)
+            self._record(Stage.KV_TRANSFER, Outcome.SKIPPED, 0.0)
         if started_engine:
             await self._cleanup_once(max(min(budget.cleanup, remaining()),
                                          min(budget.cleanup, CLEANUP_FLOOR_S)))
         else:
-            self._record("cleanup", "skipped", 0.0)
+            self._record(Stage.CLEANUP, Outcome.SKIPPED, 0.0)
         await self._teardown()
 
     async def _unregister(self) -> None:
@@ -815,11 +598,11 @@ class Worker:
             self._state = _State.STOPPED
             return
         t = time.perf_counter()
-        reason = "completed"
+        reason = Outcome.COMPLETED
         task = asyncio.ensure_future(self.engine.cleanup())
         done, _ = await asyncio.wait([task], timeout=timeout)
         if not done:
-            reason = "timed_out"
+            reason = Outcome.TIMED_OUT
             self._cleanup_abandoned = True
             task.cancel()
             log.error("engine cleanup exceeded its %.1fs budget; abandoning it", timeout)
@@ -828,37 +611,23 @@ class Worker:
         else:
             log.info("Engine cleanup complete")
         elapsed = time.perf_counter() - t
-        self._record("cleanup", reason, elapsed)
+        self._record(Stage.CLEANUP, reason, elapsed)
         if self._metrics is not None:
             self._metrics.set_cleanup_time(elapsed)
         for p in self._publishers:
             p.close()
         self._state = _State.STOPPED
 
-    async def _stage(
-        self, name: str, aw: Awaitable[Any], timeout: float | None, *, zero_ok: bool = False
-    ) -> str:
-        t = time.perf_counter()
-        task = asyncio.ensure_future(aw)
-        if timeout is not None and timeout <= 0 and not zero_ok:
-            timeout = 0.0
-        wait_for = None if timeout is None or math.isinf(timeout) else max(0.0, timeout)
-        done, _ = await asyncio.wait([task], timeout=wait_for)
-        if not done:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            reason = "timed_out"
-        elif task.exception() is not None:
-            log.warning("shutdown stage %s failed: %s", name, task.exception())
-            reason = "skipped"
-        else:
-            reason = "completed"
-        self._record(name, reason, time.perf_counter() - t)
-        return reason
+    async def _stage(self, stage: Stage, aw: Awaitable[Any], timeout: float | None, *,
+                     zero_ok: bool = False) -> Outcome:
+        outcome, seconds = await run_stage(stage, aw, timeout, zero_ok=zero_ok)
+        self._record(stage, outcome, seconds)
+        return outcome
 
-    def _record(self, stage: str, reason: str, seconds: float) -> None:
-        level = logging.WARNING if reason == "timed_out" else logging.INFO
-        extra = f" ({self._tracker.inflight} still in flight)" if stage == "inflight" else ""
+    def _record(self, stage: Stage, reason: Outcome, seconds: float) -> None:
+        level = logging.WARNING if reason is Outcome.TIMED_OUT else logging.INFO
+        extra = (f" ({self._tracker.inflight} still in flight)" if stage is Stage.INFLIGHT
+                 else "")
         log.log(level, "shutdown stage %s %s in %.3fs%s", stage, reason, seconds, extra)
         if self._metrics is not None:
             self._metrics.record_shutdown_stage(stage, reason, seconds)
@@ -878,37 +647,6 @@ class Worker:
             await _quietly(self._status.close())
         if self._discovery is not None:
             await _quietly(self._discovery.close())
-
-
-_WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
-
-
-def _reachable_host(bind_host: str, advertise_host: str | None = None) -> str:
-    """The host to advertise for a server bound to ``bind_host``.
-
-    A wildcard bind (``0.0.0.0``, ``::``) is not an address anyone can connect to: advertise
-    ``advertise_host`` if given, else this machine's primary address (the source address of
-    the default route; no packet is sent), else its hostname's address, else loopback.
-    """
-    if bind_host not in _WILDCARDS:
-        return bind_host
-    if advertise_host:
-        return advertise_host
-    import socket
-
-    v6 = bind_host in ("::", "[::]")
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(("2001:db8::1" if v6 else "192.0.2.1", 9))  # TEST-NET: never routed
-            addr = str(s.getsockname()[0])
-    except OSError:
-        try:
-            addr = socket.gethostbyname(socket.gethostname())
-            v6 = False
-        except OSError:
-            addr = "::1" if v6 else "127.0.0.1"
-    return f"[{addr}]" if v6 else addr
 
 
 async def _quietly(aw: Awaitable[Any]) -> None:

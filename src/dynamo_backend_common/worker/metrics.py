@@ -66,6 +66,7 @@ from ..runtime.metrics import (
     EngineMetrics,
     FastHistogram,
 )
+from .shutdown import Outcome, Stage
 
 if TYPE_CHECKING:
     from ..protocols.load import ComponentSnapshot
@@ -92,12 +93,8 @@ LABEL_DP_RANK = "dp_rank"
 #: Values of ``status`` accepted by :meth:`WorkerMetrics.request_finished`.
 REQUEST_STATUSES: tuple[str, ...] = ("success", "cancelled", "error")
 #: Stable stage / reason strings (lifecycle reference 4.11.6 and 8). Others are accepted too.
-SHUTDOWN_STAGES: tuple[str, ...] = (
-    "unregister", "router_grace", "stop_admission", "inflight", "kv_transfer", "cleanup",
-)
-SHUTDOWN_REASONS: tuple[str, ...] = (
-    "completed", "timed_out", "skipped", "cancelled", "unsupported",
-)
+SHUTDOWN_STAGES: tuple[str, ...] = tuple(Stage)
+SHUTDOWN_REASONS: tuple[str, ...] = tuple(Outcome)
 
 # prometheus_client's own ``le`` formatting (untyped upstream, hence the annotated alias).
 _go_float: Callable[[float], str] = floatToGoString
