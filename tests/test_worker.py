@@ -380,7 +380,10 @@ async def test_request_after_admission_closed_gets_worker_draining() -> None:
 # -- command line -----------------------------------------------------------------------------
 
 
-def test_engine_flags_that_prefix_a_worker_flag_reach_the_engine() -> None:
+def test_the_parser_leaves_flags_it_does_not_know_to_the_command() -> None:
+    """No abbreviation: ``--model`` and ``--event`` are not taken for ``--model-path`` and
+    ``--events``. The command then refuses them before ``--`` (tests/test_cli.py); engine
+    flags go after it."""
     from dynamo_backend_common.cli import build_parser
 
     args, unknown = build_parser().parse_known_args(

@@ -299,14 +299,6 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(args)
 
 
-#: ``--served-model-name``'s help, the same text under ``worker`` and ``run`` (one rule, told
-#: once; docs/worker.md "Served model name" says it at length).
-SERVED_MODEL_NAME_HELP = (
-    "the model name clients send [DYN_SERVED_MODEL_NAME]. Default under run: the model "
-    "directory's name (config.json's _name_or_path, else the folder name), which run passes "
-    "to each worker. Default under worker: the engine's EngineConfig.served_model_name, else "
-    "EngineConfig.model (--model-path does not name the model)")
-
 _ENGINE_COMMANDS = ("worker", "run", "conformance")
 
 
@@ -328,7 +320,7 @@ def _reject_unknown(parser: argparse.ArgumentParser, command: str, unknown: list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..worker.config import add_worker_args
+    from ..worker.config import SERVED_MODEL_NAME_HELP, add_worker_args
 
     parser = argparse.ArgumentParser(
         prog="dynamo-backend",
@@ -345,9 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--engine", required=True,
                    help="echo | mocker | package.module:Class | path/file.py:Class")
     add_worker_args(w)
-    for action in w._actions:
-        if action.dest == "served_model_name":
-            action.help = SERVED_MODEL_NAME_HELP
     w.set_defaults(func=_cmd_worker, command_parser=w)
     c = sub.add_parser(
         "conformance",
@@ -405,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the bundled tiny model")
     r.add_argument("--served-model-name",
                    default=os.environ.get("DYN_SERVED_MODEL_NAME", "").strip() or None,
-                   help=SERVED_MODEL_NAME_HELP)
+                   help=SERVED_MODEL_NAME_HELP)  # the worker's rule, told once
     r.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     _http_args(r, 8000)
     _router_args(r)

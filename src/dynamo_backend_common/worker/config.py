@@ -22,6 +22,14 @@ from ..runtime.planes import REQUEST_PLANES, add_plane_args, resolve_discovery, 
 
 log = logging.getLogger(__name__)
 
+#: ``--served-model-name``'s help, the same text under ``worker`` and ``run`` (one rule, told
+#: once; docs/worker.md "Served model name" says it at length).
+SERVED_MODEL_NAME_HELP = (
+    "the model name clients send [DYN_SERVED_MODEL_NAME]. Default under run: the model "
+    "directory's name (config.json's _name_or_path, else the folder name), which run passes "
+    "to each worker. Default under worker: the engine's EngineConfig.served_model_name, else "
+    "EngineConfig.model (--model-path does not name the model)")
+
 MAX_CONFIGURED_SECS = 315_360_000.0
 
 
@@ -326,8 +334,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="model directory (HF layout: tokenizer.json, tokenizer_config.json) "
                         "advertised to frontends for tokenization [DYN_MODEL_PATH]")
     g.add_argument("--served-model-name", default=_env("DYN_SERVED_MODEL_NAME", ""),
-                   help="public model name clients use; defaults to the engine's model name "
-                        "[DYN_SERVED_MODEL_NAME]")
+                   help=SERVED_MODEL_NAME_HELP)
     g.add_argument("--tool-call-parser", "--dyn-tool-call-parser", dest="tool_call_parser",
                    default=_env("DYN_TOOL_CALL_PARSER", ""), metavar="NAME",
                    help="tool-call parser frontends use for this model (hermes, llama3_json, "
