@@ -47,10 +47,13 @@ async def test_finished_tasks_leave_the_set_and_failures_do_not_cancel_siblings(
     assert sibling.cancelled()
 
 
-async def test_cancel_and_wait_drops_results_and_skips_done_tasks() -> None:
-    done = asyncio.get_running_loop().create_future()
+async def test_cancel_and_wait_drops_results_and_leaves_done_tasks_alone() -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
     done.set_result(1)
+    failed = loop.create_future()
+    failed.set_exception(RuntimeError("seen by nobody"))
     hung = asyncio.ensure_future(asyncio.Event().wait())
-    await cancel_and_wait([done, hung])
-    assert hung.cancelled() and done.result() == 1
+    await cancel_and_wait([done, failed, hung])
+    assert hung.cancelled() and done.result() == 1 and not failed.cancelled()
     await cancel_and_wait([])

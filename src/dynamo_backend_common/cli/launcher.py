@@ -39,6 +39,7 @@ from ..frontend.http import HttpServer
 from ..frontend.model_manager import WorkerEntry
 from ..frontend.server import Frontend, FrontendConfig
 from ..model_dir import ModelDir, ModelDirError
+from ..runtime.tasks import cancel_and_wait
 
 __all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
 
@@ -406,9 +407,7 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
             for p, c in zip(running, codes, strict=True):
                 if c not in (0, -signal.SIGTERM):
                     _say(f"{p.name} exited with code {c}; last log lines:\n{p.last_lines()}")
-        for t in waits:
-            t.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+        await cancel_and_wait(waits)
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_signal_handlers()
         _say("stopped")

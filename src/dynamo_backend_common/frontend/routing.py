@@ -82,6 +82,7 @@ from ..router import (
     normalize_router_mode,
 )
 from ..runtime.events import EventPlane, Subscription, kv_events_subject, kv_metrics_subject
+from ..runtime.tasks import cancel_and_wait
 from .model_manager import ModelEntry, ModelManager, WorkerEntry
 from .openai_types import RequestError
 
@@ -372,10 +373,8 @@ class Router:
         """Nothing to do up front: subscriptions open as models appear (``kv`` mode)."""
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(tasks)
         for sub in self._subscriptions.values():
             await sub.close()
         self._subscriptions.clear()

@@ -21,11 +21,13 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel every task in ``tasks`` and wait until all have ended. Their results and
     exceptions (``CancelledError`` included) are dropped: the caller is shutting them down.
     A cancellation of the caller itself still propagates once they have ended."""
-    pending = [t for t in tasks if not t.done()]
-    for t in pending:
-        t.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
+    owned = list(tasks)
+    for t in owned:
+        if not t.done():
+            t.cancel()
+    if owned:
+        # Gathering the finished ones too retrieves their exceptions (no "never retrieved").
+        await asyncio.gather(*owned, return_exceptions=True)
 
 
 class TaskSet:

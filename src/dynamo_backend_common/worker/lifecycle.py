@@ -550,8 +550,7 @@ class Worker:
         await self._stage(Stage.INFLIGHT, self._wait_inflight(), min(budget.inflight, remaining()),
                           zero_ok=True)
         if self._canary_task is not None:
-            self._canary_task.cancel()
-            await asyncio.gather(self._canary_task, return_exceptions=True)
+            await cancel_and_wait([self._canary_task])
         if started_engine and self._state is _State.RUNNING:
             t = time.perf_counter()
             await self._stage(Stage.KV_TRANSFER, self._drain(),

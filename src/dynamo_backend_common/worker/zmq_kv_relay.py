@@ -50,7 +50,6 @@ so blocks that differ only in those map to the same hash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from ..engine import ZmqKvEventSource
 from ..errors import DynamoError, ProtocolError
 from ..kv.hashing import XXH3_SEED, local_block_hashes, sequence_hash
 from ..runtime.publishers import KvEventPublisher
+from ..runtime.tasks import cancel_and_wait
 
 __all__ = [
     "VllmAllBlocksCleared",
@@ -313,9 +313,7 @@ class ZmqKvEventRelay:
         """Stop relaying and close the socket. Idempotent."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -54,6 +54,7 @@ import zmq
 import zmq.asyncio
 
 from ...errors import ProtocolError
+from ..tasks import cancel_and_wait
 from .base import DEFAULT_MAX_PENDING, EventPlane, Subscription, SubscriptionIndex
 from .dynamo_wire import (
     EVENT_CHANNELS_PREFIX,
@@ -508,11 +509,7 @@ class ZmqEventPlane(EventPlane):
         self._end_subscriptions()
         self._notify()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         if self._sub is not None:
             self._sub.close(linger=0)
             self._sub = None
