@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -41,10 +40,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2e import start_server  # this directory's e2e.py: the same launcher
+
 from dynamo_backend_common.cli.bench import DEFAULT_PROMPT, Level, drive, percentile
 from dynamo_backend_common.runtime.loop import run_coroutine
 
-_URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -106,23 +106,13 @@ class Server:
 
 
 def start(workers: int, delay_ms: float) -> Server:
-    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
-            "--workers", str(workers), "--port", "0", "--", "--delay-ms", str(delay_ms)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        m = _URL_RE.search(line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()],
-                             daemon=True).start()
-            srv = Server(proc, m.group(1), m.group(2))
-            # The workers are python processes under the launcher (not the resource tracker).
-            srv.workers = [p for p in _children(proc.pid) if _rss(p) > 30 << 20]
-            return srv
-    raise SystemExit("server did not start:\n" + "\n".join(lines))
+    """``dynamo-backend run --engine echo`` at ``delay_ms`` per token (e2e.py's launcher)."""
+    extra = ["--", "--delay-ms", str(delay_ms)] if delay_ms else []
+    proc, model, url = start_server(workers, extra)
+    srv = Server(proc, model, url)
+    # The workers are the python processes under the launcher (not multiprocessing helpers).
+    srv.workers = [p for p in _children(proc.pid) if _rss(p) > 30 << 20]
+    return srv
 
 
 class PeakRss:
