@@ -294,6 +294,20 @@ def test_approx_kv_prunes_the_earliest_to_expire_first() -> None:
         {}, {A: 1}, {A: 4})
 
 
+def test_approx_kv_prunes_across_workers() -> None:
+    """Victims of a prune keep their own worker (they used to be labelled with the last
+    worker's key, a KeyError once several workers' predictions passed the cap)."""
+    clock = Clock()
+    idx = ApproxKvIndexer(100.0, max_blocks=10, prune_target_ratio=0.5, clock=clock)
+    p1, p2, p3 = (block_hashes([k, *PROMPT[1:16]], 4) for k in (101, 102, 103))
+    for key, p in ((A, p1), (B, p2), (A, p3)):
+        idx.record(key, p)
+        clock.now += 1
+    assert idx.num_predicted == 5
+    assert (idx.find_matches(p1), idx.find_matches(p2), idx.find_matches(p3)) == (
+        {}, {B: 1}, {A: 4})
+
+
 def test_approx_kv_ignores_events_and_forgets_departed_workers() -> None:
     clock = Clock()
     router = approx_router(clock, A, B)

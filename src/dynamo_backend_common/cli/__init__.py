@@ -4,7 +4,8 @@ Subcommands:
 - ``worker --engine SPEC [worker flags] [-- engine flags]``: serve one engine as a worker.
 - ``conformance --engine SPEC [-- engine flags]``: run the conformance kit against an engine.
 - ``frontend [--host] [--port] [--discovery URL] [--events URL] [--router-mode MODE] ...``: the
-  OpenAI-compatible HTTP frontend for workers found through discovery (multi-machine setups).
+  OpenAI-compatible HTTP frontend for workers found through discovery (multi-machine setups);
+  ``--processes N`` runs N of them on one port.
 - ``run --engine SPEC [--model DIR] [--workers N] [--port P] [-- engine flags]``: the
   one-command server: N worker subprocesses plus the frontend, on one machine.
 - ``bench [--url URL] [--model NAME] [--concurrency 1,64] [--requests N]``: load-test a running
@@ -209,9 +210,22 @@ def _router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-temperature", type=float, default=0.0,
                    help="kv mode: softmax temperature over worker costs, 0 = always the best "
                         "(default: %(default)s)")
+    p.add_argument("--router-replica-sync", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="routers of several frontend processes (or frontends on one event "
+                        "plane) share their requests in flight, so they do not all pick the "
+                        "same idle worker (kv, power_of_two, least_loaded) (default: on with "
+                        "more than one frontend process)")
     p.add_argument("--api-key", default=os.environ.get("DYN_API_KEY") or None,
                    help="require Authorization: Bearer KEY on /v1/* [DYN_API_KEY]")
     _openai_args(p)
+
+
+def _processes(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
 
 
 def _openai_args(p: argparse.ArgumentParser) -> None:
@@ -271,7 +285,10 @@ def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
         router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, busy_threshold=args.busy_threshold,
         api_key=args.api_key, max_body_bytes=args.max_body_bytes, **_openai_config(args))
-    return run_coroutine(serve_frontend(config))
+    if args.processes > 1 and not sys.platform.startswith("linux"):
+        raise SystemExit("frontend: --processes > 1 needs Linux (SO_REUSEPORT)")
+    return run_coroutine(serve_frontend(config, processes=args.processes,
+                                        replica_sync=args.router_replica_sync))
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -287,7 +304,10 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
         router_temperature=args.router_temperature, api_key=args.api_key,
         migration_limit=args.migration_limit, namespace=args.namespace,
         start_timeout_s=args.start_timeout, worker_logs=args.worker_logs,
-        frontend_options=_openai_config(args))
+        frontend_options=_openai_config(args), frontend_processes=args.frontend_processes,
+        replica_sync=args.router_replica_sync)
+    if args.frontend_processes > 1 and not sys.platform.startswith("linux"):
+        raise SystemExit("run: --frontend-processes > 1 needs Linux (SO_REUSEPORT)")
     return run_coroutine(run_local(config))
 
 
@@ -377,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kv mode: skip workers whose KV usage is above this fraction")
     f.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body accepted, 413 beyond (default: %(default)s)")
+    f.add_argument("--processes", type=_processes, default=1, metavar="N",
+                   help="frontend processes sharing the port (Linux, SO_REUSEPORT): this one "
+                        "and N-1 children, each a full frontend; /metrics from any of them "
+                        "shows them all (default: %(default)s)")
     f.set_defaults(func=_cmd_frontend, command_parser=f)
     f.allow_abbrev = False
 
@@ -396,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("DYN_SERVED_MODEL_NAME", "").strip() or None,
                    help=SERVED_MODEL_NAME_HELP)  # the worker's rule, told once
     r.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    r.add_argument("--frontend-processes", type=_processes, default=1, metavar="N",
+                   help="frontend processes sharing the port (Linux), as frontend --processes "
+                        "(default: %(default)s)")
     _http_args(r, 8000)
     _router_args(r)
     r.add_argument("--migration-limit", type=int, default=3,

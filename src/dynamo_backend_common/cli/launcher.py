@@ -37,6 +37,13 @@ from typing import Any, TextIO
 
 from ..frontend.http import HttpServer
 from ..frontend.model_manager import WorkerEntry
+from ..frontend.replicas import (
+    ReplicaOptions,
+    ReplicaStartError,
+    ReplicaSupervisor,
+    ensure_port_free,
+    serve_replicated,
+)
 from ..frontend.server import Frontend, FrontendConfig
 from ..model_dir import ModelDir, ModelDirError
 from ..runtime.tasks import cancel_and_wait
@@ -98,9 +105,21 @@ def _remove_signal_handlers() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None = None) -> int:
-    """Serve until SIGINT/SIGTERM (or ``stop`` is set). Returns the exit code."""
+async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None = None,
+                         processes: int = 1, replica_sync: bool | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set). Returns the exit code.
+
+    ``processes`` > 1 (or ``replica_sync``) runs :func:`~..frontend.replicas.serve_replicated`:
+    this process and ``processes - 1`` children on one port; 1 is the plain frontend."""
     stop = stop or asyncio.Event()
+    options = ReplicaOptions(processes, replica_sync)
+    if options.processes > 1 or options.sync:
+        supervisor = ReplicaSupervisor(config, options, say=_say)
+        await _wait_for_signal(stop, supervisor.kill)
+        try:
+            return await serve_replicated(supervisor, stop=stop)
+        finally:
+            _remove_signal_handlers()
     await _wait_for_signal(stop)
     frontend = Frontend(config)
     await frontend.start()
@@ -270,6 +289,10 @@ class LocalRunConfig:
     worker_logs: bool = False
     #: More :class:`FrontendConfig` fields (parsers, timeout, field policy).
     frontend_options: dict[str, Any] = field(default_factory=dict)
+    #: Frontend processes sharing the port (this one and N-1 children, see
+    #: :mod:`..frontend.replicas`), and their router replica sync (``None``: on when N > 1).
+    frontend_processes: int = 1
+    replica_sync: bool | None = None
 
 
 def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str,
@@ -307,21 +330,36 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
     stop = stop or asyncio.Event()
     procs: list[WorkerProcess] = []
 
+    try:
+        options = ReplicaOptions(cfg.frontend_processes, cfg.replica_sync)
+    except ValueError as exc:
+        _say(f"--frontend-processes: {exc}")
+        return 2
+    replicas: ReplicaSupervisor | None = None
+
     def kill_all() -> None:
         _say("second signal: killing workers")
         for p in procs:
             p.signal(signal.SIGKILL)
+        if replicas is not None:
+            replicas.kill()
 
     await _wait_for_signal(stop, kill_all)
     tmp = tempfile.mkdtemp(prefix="dynamo-run-")
     discovery = f"file://{tmp}"
     _say(f"discovery: {discovery} (private to this run, removed when it stops)")
-    frontend = Frontend(FrontendConfig(
+    fe_config = FrontendConfig(
         host=cfg.host, port=cfg.port, discovery=discovery, namespace=cfg.namespace,
         router_mode=cfg.router_mode, kv_overlap_weight=cfg.kv_overlap_weight,
         router_temperature=cfg.router_temperature, api_key=cfg.api_key,
-        **cfg.frontend_options))
-    server = HttpServer(frontend.app, cfg.host, cfg.port)
+        **cfg.frontend_options)
+    frontend = Frontend(fe_config)
+    multi = options.processes > 1
+    if multi or options.sync:
+        replicas = ReplicaSupervisor(fe_config, options, say=_say, wait_model=name,
+                                     wait_workers=cfg.workers)
+    services = replicas.services(frontend) if replicas is not None else None
+    server = HttpServer(frontend.app, cfg.host, cfg.port, reuse_port=multi)
     waits: dict[asyncio.Future[Any], WorkerProcess] = {}
     code = 0
     ready = 0
@@ -335,6 +373,8 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
 
     try:
         try:  # fail before starting anything when the port is taken
+            if multi:
+                ensure_port_free(cfg.host, cfg.port)
             server.bind()
         except OSError as exc:
             _say(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
@@ -342,6 +382,8 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         _say(f"starting {cfg.workers} worker{'s' if cfg.workers > 1 else ''} "
              f"(engine {cfg.engine}, model {name} from {model_dir})...")
         await frontend.start()
+        if services is not None:
+            await services.start()
         frontend.models.add_listener(on_worker)
         for i in range(cfg.workers):
             argv = worker_argv(cfg, model_dir, name, discovery,
@@ -377,17 +419,26 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
                  "\n".join(f"  {p.name}:\n{p.last_lines()}" for p in procs))
             return 1
 
+        if replicas is not None:
+            try:
+                await replicas.start_children(server.port)
+            except ReplicaStartError as exc:
+                _say(f"{exc}; stopping")
+                return 1
         await server.start()
         _say(f"Serving {name} at {server.url}/v1")
 
         served = asyncio.ensure_future(server.wait())
         while not stop.is_set():
-            done, _ = await asyncio.wait({stop_task, served, *waits},
+            exits = replicas.exits() if replicas is not None else set()
+            done, _ = await asyncio.wait({stop_task, served, *waits, *exits},
                                          return_when=asyncio.FIRST_COMPLETED)
             if served in done:
                 _say("HTTP server stopped unexpectedly")
                 code = 1
                 break
+            if replicas is not None:
+                replicas.exited(done)
             for t in done:
                 if t in waits:
                     p = waits.pop(t)
@@ -398,8 +449,18 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         _say("shutting down: stopping the frontend")
         return code
     finally:
+        if services is not None:
+            await services.leave()
+        if replicas is not None:
+            replicas.signal_all(signal.SIGTERM)  # they drain while this one does
         await server.stop()
+        if replicas is not None:
+            await replicas.stop()
+        if services is not None:
+            await services.close()
         await frontend.close()
+        if replicas is not None:
+            replicas.cleanup()
         running = [p for p in procs if p.proc is not None and p.proc.returncode is None]
         if running:
             _say(f"stopping {len(running)} worker(s)...")

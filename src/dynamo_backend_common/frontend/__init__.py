@@ -9,7 +9,9 @@ honoured), :mod:`.preprocess` (chat template, tokenization, request mapping),
 :mod:`.responses` (OpenAI bodies and SSE events), :mod:`.chat_parsing`, :mod:`.tool_calls` and
 :mod:`.reasoning` (tool calls and reasoning in model output), :mod:`.model_manager` (models
 from discovery), :mod:`.routing` and :mod:`.engine_client` (worker choice, failover,
-migration), :mod:`.card_files` (model files named by worker cards), :mod:`.metrics`.
+migration), :mod:`.card_files` (model files named by worker cards), :mod:`.metrics`,
+:mod:`.replicas` and :mod:`.replica_sync` (several frontend processes on one port, their
+routers sharing their requests in flight).
 ``dynamo-backend run``, which hosts a frontend beside its workers, is
 :mod:`dynamo_backend_common.cli.launcher`.
 """

@@ -27,11 +27,20 @@ class HttpServer:
     with port 0) and clients may connect as soon as ``start`` returns. :meth:`stop` stops
     accepting, lets in-flight responses finish for up to ``graceful_s`` seconds, then cancels
     them. No signal handlers are installed.
+
+    ``reuse_port`` (Linux): the socket is bound with ``SO_REUSEPORT``, so several processes
+    (of the same user) can listen on one address and the kernel spreads new connections over
+    them (by a hash of the connection's addresses); a listener that closes or dies leaves the
+    group and gets no new connections. Every socket of the group must set it, the first one
+    too. It does not check that the address is free of other such groups: see
+    :func:`.replicas.ensure_port_free`.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8000, *,
-                 graceful_s: float = 5.0, log_level: str = "warning") -> None:
+                 graceful_s: float = 5.0, log_level: str = "warning",
+                 reuse_port: bool = False) -> None:
         self.host = host
+        self.reuse_port = reuse_port
         self._requested_port = port
         self.port = port
         self._config = uvicorn.Config(
@@ -54,7 +63,8 @@ class HttpServer:
         if self._sock is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             self._sock = socket.create_server((self.host, self._requested_port),
-                                              family=family, backlog=2048)
+                                              family=family, backlog=2048,
+                                              reuse_port=self.reuse_port)
             self.port = int(self._sock.getsockname()[1])
 
     async def start(self) -> None:

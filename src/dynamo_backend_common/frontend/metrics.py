@@ -19,13 +19,35 @@ Families (labels in braces):
 
 Like :mod:`..worker.metrics`, state is plain numbers folded into metric families at
 scrape time (no per-call ``prometheus_client`` locks); everything runs on the event loop thread.
+
+Several frontend processes (``dynamo-backend frontend --processes N``): each process serves its
+raw metric state (:func:`encode_state`: every family of its registry, samples and all) on a
+unix socket in a directory the processes share (:class:`MetricsPeers`). The process that
+answers ``GET /metrics`` (:meth:`FrontendMetrics.scrape`) reads its siblings' states (each with
+a short timeout) and renders the merge (:func:`merge_states`): counters and histograms summed
+over the processes (each request is counted by the one process that served it, so nothing is
+counted twice), the gauges of :data:`SUMMED_GAUGES` (requests in flight) summed, every other
+gauge (``model_workers``, the router's index size: the same shared state seen by each process)
+taken from the answering process, with label sets only siblings have (per-process ``pid``
+series) added. ``dynamo_frontend_processes{status="up"}`` counts the processes merged,
+``{status="down"}`` the siblings whose socket is there but did not answer (killed: a process
+that stops cleanly removes its socket). ``dynamo_frontend_process_requests_total{pid}`` counts
+each process's finished requests (how the kernel spread the connections). A sibling that died
+takes its counts with it (Prometheus sees a counter reset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
 
+import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -41,9 +63,23 @@ from ..runtime.metrics import (
     FastHistogram,
 )
 
-__all__ = ["FrontendMetrics", "ModelStats", "RequestTimer"]
+__all__ = [
+    "SUMMED_GAUGES",
+    "FrontendMetrics",
+    "MetricsPeers",
+    "ModelStats",
+    "RequestTimer",
+    "encode_state",
+    "merge_states",
+    "render_families",
+]
+
+log = logging.getLogger("dynamo_backend_common.frontend")
 
 PREFIX = "dynamo_frontend_"
+#: Gauges summed over frontend processes (each process counts its own share); every other
+#: gauge describes state the processes share and is taken once (see the module doc).
+SUMMED_GAUGES: Final = frozenset({PREFIX + "inflight_requests"})
 
 
 @dataclass(slots=True)
@@ -98,6 +134,9 @@ class FrontendMetrics:
         self._requests: dict[tuple[str, str, str, str], int] = {}
         self._worker_counts: Callable[[], dict[str, int]] = dict
         self._migrations: Callable[[], int] = lambda: 0
+        #: Sibling processes whose metrics a scrape merges (``None``: this process alone).
+        self.peers: MetricsPeers | None = None
+        self._pid = str(os.getpid())
         self.registry.register(_Collector(self))
 
     def bind(self, worker_counts: Callable[[], dict[str, int]],
@@ -135,7 +174,15 @@ class FrontendMetrics:
         self._requests[key] = self._requests.get(key, 0) + 1
 
     def render(self) -> bytes:
+        """This process's metrics, Prometheus text."""
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """What ``GET /metrics`` answers: :meth:`render`, or with :attr:`peers` set the merge
+        of this process's metrics and its siblings' (see the module doc)."""
+        if self.peers is None:
+            return self.render()
+        return await self.peers.render()
 
     def _collect(self) -> Iterator[Metric]:
         req = CounterMetricFamily(PREFIX + "requests", "Finished HTTP requests.",
@@ -176,6 +223,11 @@ class FrontendMetrics:
         yield workers
         yield CounterMetricFamily(PREFIX + "migrations", "Streams moved to another worker "
                                   "after a mid-stream failure.", value=self._migrations())
+        if self.peers is not None:
+            mine = CounterMetricFamily(PREFIX + "process_requests", "Finished HTTP requests "
+                                       "per frontend process.", labels=["pid"])
+            mine.add_metric([self._pid], sum(self._requests.values()))
+            yield mine
 
 
 class _Collector:
@@ -184,3 +236,182 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         return self._owner._collect()
+
+
+# ---------------------------------------------------------------------------- several processes
+
+#: One family: (name, type, documentation, unit, [(sample name, labels, value), ...]).
+Family = tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(list[Family])
+#: Family types whose samples add up over processes.
+_SUMMED_TYPES: Final = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
+
+
+def collect_families(registry: CollectorRegistry) -> list[Family]:
+    """Every family ``registry`` collects, as plain data (exemplars and timestamps dropped)."""
+    return [(m.name, m.type, m.documentation, m.unit,
+             [(s.name, dict(s.labels), float(s.value)) for s in m.samples])
+            for m in registry.collect()]
+
+
+def encode_state(registry: CollectorRegistry) -> bytes:
+    """``registry``'s raw state (msgpack of :func:`collect_families`), for a sibling to merge."""
+    return _state_encoder.encode(collect_families(registry))
+
+
+def decode_state(data: bytes) -> list[Family]:
+    """Inverse of :func:`encode_state`; raises ``msgspec`` errors for anything else."""
+    return _state_decoder.decode(data)
+
+
+def merge_states(local: list[Family], others: Iterable[list[Family]]) -> list[Family]:
+    """Merge the answering process's families (``local``) with its siblings' (see the module
+    doc): counter, histogram and summary samples summed by (sample name, labels), ``_created``
+    taking the earliest; gauges of :data:`SUMMED_GAUGES` summed; any other family's samples
+    taken from ``local``, siblings adding only label sets ``local`` lacks. Families keep
+    ``local``'s order (siblings' extra families after it); the inputs are not modified."""
+    order: list[str] = []
+    meta: dict[str, tuple[str, str, str]] = {}
+    samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    labels_of: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, str]] = {}
+    for families in (local, *others):
+        for name, typ, doc, unit, fam_samples in families:
+            table = samples.get(name)
+            if table is None:
+                order.append(name)
+                meta[name] = (typ, doc, unit)
+                table = samples[name] = {}
+            kind = meta[name][0]
+            summed = kind in _SUMMED_TYPES or (kind == "gauge" and name in SUMMED_GAUGES)
+            for sname, labels, value in fam_samples:
+                key = (sname, tuple(sorted(labels.items())))
+                old = table.get(key)
+                if old is None:
+                    table[key] = value
+                    labels_of[key] = labels
+                elif summed:
+                    table[key] = min(old, value) if sname.endswith("_created") else old + value
+                # else: taken once, the first seen (the answering process's) stays
+    return [(name, meta[name][0], meta[name][1], meta[name][2],
+             [(k[0], labels_of[k], v) for k, v in samples[name].items()]) for name in order]
+
+
+def render_families(families: Iterable[Family]) -> bytes:
+    """Prometheus text of ``families``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families)))
+    return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families: list[Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, typ, doc, unit, fam_samples in self._families:
+            metric = Metric(name, doc, typ, unit)
+            for sname, labels, value in fam_samples:
+                metric.add_sample(sname, labels, value)
+            yield metric
+
+
+class MetricsPeers:
+    """The metric states of sibling frontend processes, over unix sockets in ``directory``.
+
+    :meth:`start` listens on ``directory/NAME.sock``: a client that connects gets this
+    process's :func:`encode_state` and EOF. :meth:`render` connects to every other ``*.sock``
+    there at once (each answer within ``timeout`` s, else that sibling is skipped and counted
+    down), merges (:func:`merge_states`) and renders. :meth:`close` stops listening and
+    removes the socket, so a process that stops cleanly is no longer expected; a killed one
+    leaves its socket behind and counts as down. The directory is the caller's (the
+    supervisor creates and removes it).
+    """
+
+    def __init__(self, metrics: FrontendMetrics, directory: str | os.PathLike[str], name: str,
+                 *, timeout: float = 1.0) -> None:
+        self.metrics = metrics
+        self.directory = Path(directory)
+        self.path = self.directory / f"{name}.sock"
+        self.timeout = timeout
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Listen (replacing a stale socket of the same name) and attach to ``metrics``."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        self.metrics.peers = self
+
+    async def close(self) -> None:
+        if self.metrics.peers is self:
+            self.metrics.peers = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(encode_state(self.metrics.registry))
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    def siblings(self) -> list[Path]:
+        """The other processes' sockets in the directory now."""
+        try:
+            return sorted(p for p in self.directory.glob("*.sock") if p != self.path)
+        except OSError:
+            return []
+
+    async def _fetch(self, path: Path) -> list[Family] | None:
+        """A sibling's families; ``None`` if it did not answer in time; raises
+        ``FileNotFoundError`` when its socket went away (it stopped cleanly meanwhile)."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                data = await reader.read()
+            return decode_state(data)
+        except FileNotFoundError:
+            raise
+        except (OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError,
+                ValueError) as exc:
+            log.debug("metrics of sibling %s unavailable: %s", path.name, exc)
+            return None
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def gather(self) -> tuple[list[list[Family]], int]:
+        """The siblings' families that came, and how many siblings did not answer."""
+        results = await asyncio.gather(*(self._fetch(p) for p in self.siblings()),
+                                       return_exceptions=True)
+        states: list[list[Family]] = []
+        down = 0
+        for r in results:
+            if isinstance(r, FileNotFoundError):
+                continue
+            if isinstance(r, BaseException) or r is None:
+                down += 1
+            else:
+                states.append(r)
+        return states, down
+
+    async def render(self) -> bytes:
+        """The merged metrics of this process and its siblings, Prometheus text."""
+        states, down = await self.gather()
+        merged = merge_states(collect_families(self.metrics.registry), states)
+        merged.append((PREFIX + "processes", "gauge", "Frontend processes whose metrics this "
+                       "scrape merged (up) or that did not answer (down).", "",
+                       [(PREFIX + "processes", {"status": "up"}, float(1 + len(states))),
+                        (PREFIX + "processes", {"status": "down"}, float(down))]))
+        return render_families(merged)
+

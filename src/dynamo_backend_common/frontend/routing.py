@@ -42,6 +42,14 @@ KV routing without KV events (``kv_events=False``, Dynamo's ``--no-kv-events``):
 is used; each model's KV policy predicts the caches from its own decisions
 (:class:`~dynamo_backend_common.router.ApproxKvIndexer`, ``router_ttl_secs``).
 
+Router replicas (several frontends, or frontend processes, routing to the same workers): a
+:class:`RouteListener` set with :meth:`Router.set_listener` hears every decision of the modes
+that count load (:data:`LOAD_TRACKING_MODES`: ``kv``, ``power_of_two``, ``least_loaded``), its
+first token and its end, so it can tell the other replicas; :meth:`Router.remote_started`,
+:meth:`Router.remote_prefill_done` and :meth:`Router.remote_finished` put the other replicas'
+requests into this router's load view (never into its metrics or :attr:`Router.decisions`).
+See :mod:`.replica_sync`.
+
 Messages are NVIDIA Dynamo 1.6.1's (``protocols.kv``): a ``kv-events`` message is a list of
 RouterEvent, a ``kv_metrics`` message one ActiveLoad, so Dynamo's workers (the mocker, vLLM
 through Dynamo) are routed like ours. A load without ``kv_total_blocks`` (Dynamo's never has
@@ -62,7 +70,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -93,10 +101,13 @@ __all__ = [
     "HEADER_DP_RANK",
     "HEADER_DP_RANK_ALIAS",
     "HEADER_WORKER_INSTANCE_ID",
+    "LOAD_TRACKING_MODES",
     "ROUTER_MODES",
     "ROUTER_MODE_SPELLINGS",
     "DirectRoutingError",
     "DirectRoutingMiddleware",
+    "RemoteRoute",
+    "RouteListener",
     "RouteTarget",
     "Routed",
     "Router",
@@ -119,6 +130,9 @@ _TARGETED_MODES: Final = frozenset({"direct", "kv"})
 
 #: How many departed worker ids a :class:`Router` remembers to ignore their late events.
 DEPARTED_MEMORY = 4096
+
+#: Policies whose choice depends on the requests in flight (what router replicas share).
+LOAD_TRACKING_MODES: Final = frozenset({"kv", "power_of_two", "least_loaded"})
 
 
 class DirectRoutingError(DynamoError):
@@ -242,12 +256,49 @@ class DirectRoutingMiddleware:
 
 @dataclass(eq=False, slots=True)
 class Routed:
-    """One routing decision: the worker, the rank, and the policy's reasoning."""
+    """One routing decision: the worker, the rank, and the policy's reasoning.
+
+    ``shared``: the router's :class:`RouteListener` was told of it (and hears its first token
+    and its end).
+    """
 
     worker: WorkerEntry
     dp_rank: int
     decision: RouteDecision
     policy: RoutingPolicy
+    shared: bool = False
+
+
+class RouteListener(Protocol):
+    """Hears a :class:`Router`'s decisions in the modes of :data:`LOAD_TRACKING_MODES`.
+
+    Called on the event loop, synchronously inside ``route`` / ``first_token`` / ``finished``:
+    implementations must be quick and must not raise. ``finished`` may come without
+    ``prefill_done`` (an attempt that failed before its first token) and may be called more
+    than once for one decision (only the first counts).
+    """
+
+    def routed(self, model: str, routed: Routed) -> None:
+        """``routed`` was just sent to its worker (its load counts there from now on)."""
+        ...
+
+    def prefill_done(self, routed: Routed) -> None:
+        """``routed`` produced its first token."""
+        ...
+
+    def finished(self, routed: Routed) -> None:
+        """``routed`` ended, whatever the outcome."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class RemoteRoute:
+    """Another router replica's request, counted in this router's load view
+    (:meth:`Router.remote_started`)."""
+
+    model: str
+    policy: RoutingPolicy
+    decision: RouteDecision
 
 
 def _worker_keys(worker: WorkerEntry) -> list[tuple[int, int]]:
@@ -329,6 +380,7 @@ class Router:
         self.decisions: Tally[tuple[str, int]] = Tally()
         #: The most recent decision (tests, debugging).
         self.last: Routed | None = None
+        self._listener: RouteListener | None = None
         self._decisions: Counter | None = None
         self._overlap: Histogram | None = None
         self._overlap_blocks: Counter | None = None
@@ -471,7 +523,68 @@ class Router:
                       decision.prompt_blocks, f"; costs {costs}" if costs else "")
         routed = Routed(worker, rank, decision, policy)
         self.last = routed
+        listener = self._listener
+        if listener is not None and policy.name in LOAD_TRACKING_MODES:
+            routed.shared = True
+            listener.routed(model, routed)
         return routed
+
+    def set_listener(self, listener: RouteListener | None) -> None:
+        """Tell ``listener`` of every later decision in a load-tracking mode (``None``: stop).
+        One listener at a time; decisions made before keep going to the one they went to."""
+        self._listener = listener
+
+    def remote_started(
+        self, model: str, worker: WorkerKey, *, prompt_blocks: int = 0, overlap_blocks: int = 0,
+        request_blocks: int = 0, block_hashes: Sequence[int] = (),
+    ) -> RemoteRoute | None:
+        """Count another replica's request on worker rank ``worker`` of ``model`` as if this
+        router had sent it (load, queued prefill, active blocks; without KV events also the
+        predicted cache), without counting it in metrics or :attr:`decisions`.
+
+        Returns the handle for :meth:`remote_prefill_done` / :meth:`remote_finished`, or
+        ``None`` (nothing counted) when this router does not know the model or the worker (not
+        yet or no longer in discovery) or routes the model in a mode that counts no load.
+        Inconsistent block counts are clamped (``overlap <= prompt == len(block_hashes) <=
+        request``), so a malformed message cannot corrupt the load view.
+        """
+        entry = self._models.models.get(model)
+        if entry is None or worker[0] not in entry.workers or worker[0] in self._departed:
+            return None
+        if worker not in _worker_keys(entry.workers[worker[0]]):
+            return None
+        policy = self._policy(model, entry)
+        if policy.name not in LOAD_TRACKING_MODES:
+            return None
+        hashes = list(block_hashes) if policy.name == "kv" else []
+        prompt = len(hashes) if hashes else max(0, prompt_blocks)
+        decision = RouteDecision(
+            worker=worker, overlap_blocks=min(max(0, overlap_blocks), prompt),
+            prompt_blocks=prompt, request_blocks=max(request_blocks, len(hashes)),
+            block_hashes=hashes)
+        policy.request_started(decision)
+        self._notify()
+        return RemoteRoute(model, policy, decision)
+
+    def notify_waiters(self) -> None:
+        """Wake every :meth:`wait_for` to re-check its predicate (a listener's own state,
+        such as its replicas, changed)."""
+        self._notify()
+
+    def remote_prefill_done(self, remote: RemoteRoute) -> None:
+        """The remote request produced its first token (idempotent)."""
+        remote.policy.prefill_done(remote.decision)
+        self._notify()
+
+    def remote_finished(self, remote: RemoteRoute) -> None:
+        """The remote request ended, or its replica is gone (idempotent)."""
+        remote.policy.request_finished(remote.decision)
+        self._notify()
+
+    def worker_ranks(self) -> int:
+        """Routing targets (worker ranks) of every model, as this router sees them now."""
+        return sum(len(_worker_keys(w)) for e in self._models.models.values()
+                   for w in e.workers.values())
 
     def inflight(self, key: WorkerKey) -> int:
         """Requests in flight on worker rank ``key`` as ``power_of_two`` / ``least_loaded``
@@ -483,8 +596,9 @@ class Router:
         return self._loads.get(key)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
-        """Wait until ``predicate()`` holds, re-checked after every KV event, load snapshot
-        and worker change (tests, warm-up). Raises ``TimeoutError`` after ``timeout`` s."""
+        """Wait until ``predicate()`` holds, re-checked after every KV event, load snapshot,
+        worker change and replica-sync change (tests, warm-up). Raises ``TimeoutError``
+        after ``timeout`` s."""
         self._waiters += 1
         try:
             async with asyncio.timeout(timeout):
@@ -500,10 +614,14 @@ class Router:
     def first_token(self, routed: Routed) -> None:
         """The attempt ``routed`` produced its first token (its prefill is done)."""
         routed.policy.prefill_done(routed.decision)
+        if routed.shared and self._listener is not None:
+            self._listener.prefill_done(routed)
 
     def finished(self, routed: Routed) -> None:
         """The attempt ``routed`` ended (success, error or cancellation)."""
         routed.policy.request_finished(routed.decision)
+        if routed.shared and self._listener is not None:
+            self._listener.finished(routed)
 
     # -- membership and events --------------------------------------------------------------
     def _policy(self, model: str, entry: ModelEntry) -> RoutingPolicy:

@@ -407,7 +407,8 @@ class Frontend:
                             status_code=200 if self._started else 503)
 
     async def _metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(),
+        # With sibling processes (``--processes N``) this merges theirs: see ``.metrics``.
+        return Response(await self.metrics.scrape(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _list_models(self, request: Request) -> Response:

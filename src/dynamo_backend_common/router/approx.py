@@ -26,7 +26,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..protocols.kv import RouterEvent
 from .indexer import KvIndexer, WorkerKey
@@ -149,9 +149,9 @@ class ApproxKvIndexer(KvIndexer):
     def _prune(self) -> None:
         """Drop the pairs that would expire first until ``_prune_to`` are left."""
         excess = self._size - self._prune_to
-        merged = heapq.merge(*(
-            ((expiry, seq, key, h) for seq, (h, expiry) in enumerate(entries.items()))
-            for key, entries in self._entries.items()))
+        # One generator per worker, its key bound now (a generator expression would read
+        # the loop variable late and label every victim with the last worker).
+        merged = heapq.merge(*(_by_expiry(key, entries) for key, entries in self._entries.items()))
         victims: dict[WorkerKey, list[int]] = {}
         for _, _, key, h in itertools.islice(merged, excess):
             victims.setdefault(key, []).append(h)
@@ -163,3 +163,10 @@ class ApproxKvIndexer(KvIndexer):
             if not entries:
                 del self._entries[key]
         self._size -= sum(len(v) for v in victims.values())
+
+
+def _by_expiry(key: WorkerKey, entries: OrderedDict[int, float]
+               ) -> Iterator[tuple[float, int, WorkerKey, int]]:
+    """``(expiry, position, key, hash)`` of one worker's entries, in expiry order."""
+    for seq, (h, expiry) in enumerate(entries.items()):
+        yield expiry, seq, key, h
