@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import functools
 import os
 import re
 import shutil
@@ -46,6 +44,7 @@ from ..frontend.replicas import (
 )
 from ..frontend.server import Frontend, FrontendConfig
 from ..model_dir import ModelDir, ModelDirError
+from ..runtime.processes import ChildProcess, pdeathsig_hook
 from ..runtime.tasks import cancel_and_wait
 
 __all__ = ["LocalRunConfig", "WorkerProcess", "run_local", "serve_frontend"]
@@ -148,21 +147,7 @@ async def serve_frontend(config: FrontendConfig, *, stop: asyncio.Event | None =
 # --------------------------------------------------------------------------- workers
 
 
-@functools.cache
-def _pdeathsig_hook() -> Callable[[], object] | None:
-    """Linux: a ``preexec_fn`` making the child get SIGTERM if this process dies without
-    stopping it. libc is loaded here, in the parent: the child (forked from a process that may
-    have threads) only makes the one prctl call, no dlopen or imports."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return functools.partial(prctl, 1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-class WorkerProcess:
+class WorkerProcess(ChildProcess):
     """One worker subprocess; keeps its last log lines (stdout and stderr merged).
 
     ``echo_logs`` copies every line to stderr; otherwise warning/error records are copied,
@@ -177,8 +162,6 @@ class WorkerProcess:
         self.echo_logs = echo_logs
         self.echo_per_s = echo_per_s
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._in_shown_record = False  # the current record is a warning/error
         self._window_start = -1.0
         self._window_lines = 0
@@ -194,7 +177,7 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_pdeathsig_hook())
+            preexec_fn=pdeathsig_hook())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -243,28 +226,8 @@ class WorkerProcess:
     def last_lines(self) -> str:
         return "\n".join(f"    {line}" for line in self.lines) or "    (no output)"
 
-    async def wait(self) -> int:
-        assert self.proc is not None
-        code = await self.proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader  # EOF follows exit: the last lines are in
-        return code
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    async def stop(self, timeout: float) -> int:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
-        self.signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.wait(), timeout)
-        except TimeoutError:
-            _say(f"{self.name} did not stop within {timeout:g}s; killing it")
-            self.signal(signal.SIGKILL)
-            return await self.wait()
+    def report(self, message: str) -> None:
+        _say(message)
 
 
 @dataclass

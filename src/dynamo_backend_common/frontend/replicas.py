@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -55,6 +53,7 @@ import msgspec
 from ..log_setup import configure_logging
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
 from ..runtime.loop import run_coroutine
+from ..runtime.processes import ChildProcess, pdeathsig_hook
 from ..runtime.tasks import cancel_and_wait
 from .http import HttpServer
 from .metrics import MetricsPeers
@@ -194,20 +193,7 @@ class _ChildSpec(msgspec.Struct, kw_only=True):
     log_level: str | None = None
 
 
-@functools.cache
-def _pdeathsig_hook() -> Callable[[], object] | None:
-    """Linux: a ``preexec_fn`` giving the child SIGTERM when the supervisor dies (libc loaded
-    here, in the parent; the forked child only makes the one prctl call)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return functools.partial(prctl, 1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-class ReplicaProcess:
+class ReplicaProcess(ChildProcess):
     """One child frontend process. Its stdout lines go to ``say`` (and the last ones are
     kept); its stderr (the log) is the supervisor's."""
 
@@ -217,9 +203,7 @@ class ReplicaProcess:
         self.total = spec.total
         self.say = say
         self.lines: deque[str] = deque(maxlen=_LAST_LINES)
-        self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -236,7 +220,7 @@ class ReplicaProcess:
             sys.executable, "-m", "dynamo_backend_common.frontend.replicas",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
-            preexec_fn=_pdeathsig_hook())
+            preexec_fn=pdeathsig_hook())
         assert self.proc.stdin is not None
         # The configuration goes on stdin, never argv: it may hold the API key.
         self.proc.stdin.write(msgspec.json.encode(self.spec) + b"\n")
@@ -273,29 +257,8 @@ class ReplicaProcess:
                                     f"before it was ready")
         raise ReplicaStartError(f"{self.name} not ready after {timeout:g}s")
 
-    async def wait(self) -> int:
-        """The exit code, once the child exited (its output read to the end)."""
-        assert self.proc is not None
-        code = await self.proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        return code
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    async def stop(self, timeout: float) -> int:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
-        self.signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.wait(), timeout)
-        except TimeoutError:
-            self.say(f"{self.name} did not stop within {timeout:g}s; killing it")
-            self.signal(signal.SIGKILL)
-            return await self.wait()
+    def report(self, message: str) -> None:
+        self.say(message)
 
 
 class ReplicaSupervisor:
