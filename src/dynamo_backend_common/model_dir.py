@@ -73,9 +73,13 @@ class ModelDir:
     special_token_ids: frozenset[int] = field(repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, *, name: str | None = None) -> ModelDir:
+    def load(cls, path: str | Path, *, name: str | None = None,
+             checksum: str | None = None) -> ModelDir:
         """Read ``path``. Raises :class:`ModelDirError` when it is not a directory, has no
-        ``tokenizer.json``, or any JSON file in it is malformed or inconsistent."""
+        ``tokenizer.json``, or any JSON file in it is malformed or inconsistent.
+
+        ``checksum``: the directory's checksum when the caller already verified the files
+        against it (a frontend that fetched them for a card); else the files are hashed."""
         root = Path(path)
         if not root.is_dir():
             raise ModelDirError(f"model directory {str(root)!r} does not exist or is not a dir")
@@ -130,7 +134,7 @@ class ModelDir:
             add_bos_token=add_bos if isinstance(add_bos, bool) else None,
             context_length=_context_length(config, tok_cfg, root),
             model_type=_opt_str(config.get("model_type")),
-            checksum=model_dir_checksum(root),
+            checksum=checksum if checksum is not None else model_dir_checksum(root),
             special_token_ids=special,
         )
 

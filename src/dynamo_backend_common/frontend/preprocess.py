@@ -8,6 +8,7 @@ unsupported options). Every client mistake raises :class:`RequestError` (HTTP 40
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -339,8 +340,7 @@ class Preprocessor:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         pre = self._build(req, ids, prompt, max_tokens, param, logprobs, "messages", guided)
-        return Preprocessed(request=pre.request, prompt_tokens=pre.prompt_tokens,
-                            prompt=pre.prompt, tool_choice=tool_choice)
+        return dataclasses.replace(pre, tool_choice=tool_choice)
 
     # ----------------------------------------------------------- completions
 

@@ -59,7 +59,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import GUIDED_DECODING_KEY
 from ..model_dir import ModelDir, ModelDirError
-from ..protocols.discovery import ModelDeploymentCard
+from ..protocols.discovery import ModelDeploymentCard, files_checksum
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
@@ -334,7 +334,8 @@ class Frontend:
     async def _load(card: ModelDeploymentCard, name: str, cfg: FrontendConfig) -> _ModelState:
         def load() -> tuple[Path, _ModelState]:
             path = materialize(card)
-            md = ModelDir.load(path, name=name)
+            # materialize verified every file against the card: its checksum is the dir's.
+            md = ModelDir.load(path, name=name, checksum=files_checksum(card.files()))
             rc = card.runtime_config
             tool_parser = cfg.tool_call_parser
             if tool_parser == "auto":

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -57,7 +57,6 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
 
 from ..runtime.metrics import (
     DURATION_BUCKETS,
@@ -96,8 +95,6 @@ REQUEST_STATUSES: tuple[str, ...] = ("success", "cancelled", "error")
 SHUTDOWN_STAGES: tuple[str, ...] = tuple(Stage)
 SHUTDOWN_REASONS: tuple[str, ...] = tuple(Outcome)
 
-# prometheus_client's own ``le`` formatting (untyped upstream, hence the annotated alias).
-_go_float: Callable[[float], str] = floatToGoString
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Labels WorkerMetrics sets itself on some family; an extra label may not shadow them.
 _RESERVED_LABELS = frozenset({
