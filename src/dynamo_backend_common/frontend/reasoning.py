@@ -67,6 +67,7 @@ from functools import partial
 from types import MappingProxyType
 
 __all__ = [
+    "KEEPS_SPECIAL_TOKENS",
     "REASONING_PARSERS",
     "ReasoningParser",
     "TagReasoningParser",
@@ -211,6 +212,10 @@ REASONING_PARSERS: Mapping[str, Callable[[], ReasoningParser]] = MappingProxyTyp
         "mistral": _tag_parser("[THINK]", "[/THINK]", implicit_start=False),
     }
 )
+
+#: Parsers whose tags are special tokens (Magistral's ``[THINK]``): the text they read must
+#: keep special tokens (``skip_special_tokens`` false).
+KEEPS_SPECIAL_TOKENS: frozenset[str] = frozenset({"mistral"})
 
 
 def make_reasoning_parser(name: str) -> ReasoningParser:

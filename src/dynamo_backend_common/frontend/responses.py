@@ -44,6 +44,7 @@ from .openai_types import (
     Usage,
 )
 from .postprocess import StreamDelta
+from .tool_calls import ToolCall
 
 __all__ = ["DONE", "ChatRenderer", "CompletionRenderer", "Renderer", "sse"]
 
@@ -90,6 +91,11 @@ class _Base:
         self.finish_reasons: list[str | None] = [None] * n
         # Per choice index: the encoded per-token event split around its text.
         self._splits: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _tool_call_item(call: ToolCall) -> ToolCallItem:
+    """A parsed call as OpenAI's ``tool_calls`` item, under a fresh ``call_`` id."""
+    return ToolCallItem(id=new_tool_call_id(), function=function_call(call))
 
 
 class ChatRenderer(_Base):
@@ -152,7 +158,7 @@ class ChatRenderer(_Base):
             calls = self._calls[d.index]
             deltas = []
             for c in parsed.tool_calls:
-                item = ToolCallItem(id=new_tool_call_id(), function=function_call(c))
+                item = _tool_call_item(c)
                 deltas.append(ToolCallDelta(index=len(calls), id=item.id,
                                             function=item.function))
                 calls.append(item)
@@ -222,7 +228,7 @@ class ChatRenderer(_Base):
             if parsed.reasoning:
                 self._reasoning[d.index].append(parsed.reasoning)
             self._calls[d.index].extend(
-                ToolCallItem(id=new_tool_call_id(), function=function_call(c))
+                _tool_call_item(c)
                 for c in parsed.tool_calls)
         elif d.text:
             self.text_parts[d.index].append(d.text)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import time
@@ -84,10 +85,12 @@ from .openai_types import (
 )
 from .postprocess import StreamDelta
 from .preprocess import Preprocessed, Preprocessor
+from .reasoning import KEEPS_SPECIAL_TOKENS as REASONING_KEEPS_SPECIAL
 from .reasoning import REASONING_PARSERS, make_reasoning_parser
 from .request_fields import check_fields, guided_kinds
 from .responses import ChatRenderer, CompletionRenderer, Renderer
 from .routing import DirectRoutingMiddleware, Router, normalize_router_mode
+from .tool_calls import KEEPS_SPECIAL_TOKENS as TOOL_KEEPS_SPECIAL
 from .tool_calls import TOOL_CALL_PARSERS, ToolCallParser, detect_tool_call_parser
 
 log = logging.getLogger("dynamo_backend_common.frontend")
@@ -99,8 +102,6 @@ DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 _OFFLOAD_BYTES: Final = 64 * 1024
 _encode = msgspec.json.Encoder().encode
 
-#: Parsers whose markers are special tokens (dropped by ``skip_special_tokens``).
-_SPECIAL_MARKERS: Final = frozenset({"mistral"})
 
 
 
@@ -530,8 +531,8 @@ class Frontend:
             self._check_guided(entry, pre, req)
             parsers = self._parsers(state, pre, req)
             if parsers is not None and req.skip_special_tokens is None and (
-                    state.tool_call_parser in _SPECIAL_MARKERS
-                    or state.reasoning_parser in _SPECIAL_MARKERS):
+                    state.tool_call_parser in TOOL_KEEPS_SPECIAL
+                    or state.reasoning_parser in REASONING_KEEPS_SPECIAL):
                 # Their markers ([TOOL_CALLS], [THINK]) are special tokens: keep them in the
                 # text the parser reads, as vLLM does.
                 oo = msgspec.structs.replace(pre.request.output_options,
@@ -597,7 +598,7 @@ class Frontend:
         tools: Callable[[], ToolCallParser] | None = None
         if tc.mode == "named":
             name = tc.name or ""
-            tools = lambda: NamedToolParser(name)  # noqa: E731
+            tools = functools.partial(NamedToolParser, name)
         elif tc.mode == "required":
             tools = RequiredToolParser
         elif tc.mode == "auto":

@@ -69,6 +69,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
 __all__ = [
+    "KEEPS_SPECIAL_TOKENS",
     "TOOL_CALL_PARSERS",
     "ToolCall",
     "ToolCallParser",
@@ -605,6 +606,11 @@ TOOL_CALL_PARSERS: Final[Mapping[str, Callable[[], ToolCallParser]]] = MappingPr
         "pythonic": PythonicToolCallParser,
     }
 )
+
+
+#: Parsers whose markers are special tokens (Mistral's ``[TOOL_CALLS]``): the text they read
+#: must keep special tokens (``skip_special_tokens`` false), as vLLM does for them.
+KEEPS_SPECIAL_TOKENS: Final = frozenset({"mistral"})
 
 
 def make_tool_call_parser(name: str) -> ToolCallParser:
