@@ -216,6 +216,12 @@ def _router_args(p: argparse.ArgumentParser) -> None:
                         "plane) share their requests in flight, so they do not all pick the "
                         "same idle worker (kv, power_of_two, least_loaded) (default: on with "
                         "more than one frontend process)")
+    p.add_argument("--enforce-disagg", action="store_true",
+                   default=env("DYN_ENFORCE_DISAGG", "").strip().lower()
+                   in ("1", "true", "yes", "on"),
+                   help="models with decode workers: fail a request (503) when no prefill "
+                        "worker can take it, instead of serving it aggregated on a decode "
+                        "worker [DYN_ENFORCE_DISAGG]")
     p.add_argument("--api-key", default=os.environ.get("DYN_API_KEY") or None,
                    help="require Authorization: Bearer KEY on /v1/* [DYN_API_KEY]")
     _openai_args(p)
@@ -266,7 +272,8 @@ def _openai_config(args: argparse.Namespace) -> dict[str, Any]:
             "tool_call_parser": args.tool_call_parser,
             "reasoning_parser": args.reasoning_parser,
             "request_timeout": args.request_timeout,
-            "unsupported_fields": args.unsupported_fields}
+            "unsupported_fields": args.unsupported_fields,
+            "enforce_disagg": args.enforce_disagg}
 
 
 def _cmd_frontend(args: argparse.Namespace, rest: list[str]) -> int:
@@ -299,7 +306,10 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     configure_logging(os.environ.get("DYN_LOG") or "warning")
     config = LocalRunConfig(
         engine=args.engine, engine_args=rest, model=args.model,
-        served_model_name=args.served_model_name, workers=args.workers, host=args.host,
+        served_model_name=args.served_model_name,
+        workers=args.workers if args.workers is not None
+        else (0 if args.prefill_workers or args.decode_workers else 1),
+        prefill_workers=args.prefill_workers, decode_workers=args.decode_workers, host=args.host,
         port=args.port, router_mode=args.router_mode, kv_overlap_weight=args.kv_overlap_weight,
         router_temperature=args.router_temperature, api_key=args.api_key,
         migration_limit=args.migration_limit, namespace=args.namespace,
@@ -419,7 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--served-model-name",
                    default=os.environ.get("DYN_SERVED_MODEL_NAME", "").strip() or None,
                    help=SERVED_MODEL_NAME_HELP)  # the worker's rule, told once
-    r.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="aggregated worker processes (default: 1, or 0 with --prefill-workers "
+                        "/ --decode-workers)")
+    r.add_argument("--prefill-workers", type=int, default=0, metavar="N",
+                   help="disaggregated serving: N workers with --disaggregation-mode prefill "
+                        "(default: %(default)s)")
+    r.add_argument("--decode-workers", type=int, default=0, metavar="M",
+                   help="disaggregated serving: M workers with --disaggregation-mode decode "
+                        "(default: %(default)s)")
     r.add_argument("--frontend-processes", type=_processes, default=1, metavar="N",
                    help="frontend processes sharing the port (Linux), as frontend --processes "
                         "(default: %(default)s)")

@@ -155,9 +155,11 @@ class WorkerProcess(ChildProcess):
     """
 
     def __init__(self, index: int, total: int, argv: Sequence[str], *,
-                 echo_logs: bool = False, echo_per_s: int = ECHO_LINES_PER_S) -> None:
+                 echo_logs: bool = False, echo_per_s: int = ECHO_LINES_PER_S,
+                 role: str = "aggregated") -> None:
         self.index = index
         self.total = total
+        self.role = role
         self.argv = list(argv)
         self.echo_logs = echo_logs
         self.echo_per_s = echo_per_s
@@ -170,7 +172,8 @@ class WorkerProcess(ChildProcess):
 
     @property
     def name(self) -> str:
-        return f"worker {self.index}/{self.total}"
+        role = "" if self.role == "aggregated" else f" ({self.role})"
+        return f"worker {self.index}/{self.total}{role}"
 
     async def start(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -256,17 +259,26 @@ class LocalRunConfig:
     #: :mod:`..frontend.replicas`), and their router replica sync (``None``: on when N > 1).
     frontend_processes: int = 1
     replica_sync: bool | None = None
+    #: A disaggregated set: this many ``--disaggregation-mode prefill`` workers and this many
+    #: ``decode`` ones, beside the ``workers`` aggregated ones (see docs/disaggregation.md).
+    prefill_workers: int = 0
+    decode_workers: int = 0
+
+    def roles(self) -> list[str]:
+        """Each worker's disaggregation mode, in start order."""
+        return (["aggregated"] * self.workers + ["decode"] * self.decode_workers
+                + ["prefill"] * self.prefill_workers)
 
 
 def worker_argv(cfg: LocalRunConfig, model_dir: Path, name: str, discovery: str,
-                vocab_size: int | None = None) -> list[str]:
+                vocab_size: int | None = None, role: str = "aggregated") -> list[str]:
     """The worker command line. The mocker samples token ids in ``[0, --vocab-size)``; unless
     given, that is set to the model's vocabulary so its output decodes to text."""
     argv = [sys.executable, "-m", "dynamo_backend_common.cli", "worker",
             "--engine", cfg.engine, "--model-path", str(model_dir),
             "--served-model-name", name, "--discovery", discovery,
             "--namespace", cfg.namespace, "--migration-limit", str(cfg.migration_limit),
-            "--graceful-shutdown-grace-secs", "0"]
+            "--graceful-shutdown-grace-secs", "0", "--disaggregation-mode", role]
     engine_args = list(cfg.engine_args)
     if (cfg.engine == "mocker" and vocab_size is not None
             and not any(a.startswith("--vocab-size") for a in engine_args)):
@@ -280,9 +292,18 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
     """The one-command server (see the module doc). Returns the exit code."""
     from ..fixtures import tiny_model_dir
 
-    if cfg.workers < 1:
+    if min(cfg.workers, cfg.prefill_workers, cfg.decode_workers) < 0:
+        _say("--workers, --prefill-workers and --decode-workers must be >= 0")
+        return 2
+    if cfg.prefill_workers and not (cfg.decode_workers or cfg.workers):
+        _say("--prefill-workers needs --decode-workers (or --workers): prefill workers serve "
+             "no request on their own")
+        return 2
+    roles = cfg.roles()
+    if not roles:
         _say("--workers must be >= 1")
         return 2
+    serving = cfg.workers + cfg.decode_workers  # the workers that make the model listed
     model_dir = Path(cfg.model) if cfg.model else tiny_model_dir()
     try:
         md = await asyncio.to_thread(ModelDir.load, model_dir)
@@ -320,19 +341,30 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
     multi = options.processes > 1
     if multi or options.sync:
         replicas = ReplicaSupervisor(fe_config, options, say=_say, wait_model=name,
-                                     wait_workers=cfg.workers)
+                                     wait_workers=serving)
     services = replicas.services(frontend) if replicas is not None else None
     server = HttpServer(frontend.app, cfg.host, cfg.port, reuse_port=multi)
     waits: dict[asyncio.Future[Any], WorkerProcess] = {}
     code = 0
     ready = 0
 
+    total = len(roles)
+
     def on_worker(model: str, worker: WorkerEntry, added: bool) -> None:
         nonlocal ready
-        if model == name and added and ready < cfg.workers:
+        if model == name and added and ready < total:
             ready += 1
-            _say(f"worker {ready}/{cfg.workers} ready (instance {worker.instance_id:x} at "
-                 f"{worker.address})")
+            role = worker.card.worker_type
+            _say(f"worker {ready}/{total} ready ({role + ', ' if role != 'aggregated' else ''}"
+                 f"instance {worker.instance_id:x} at {worker.address})")
+
+    async def all_registered() -> None:
+        await frontend.wait_for_model(name, workers=serving, timeout=cfg.start_timeout_s)
+        if cfg.prefill_workers:
+            def prefill_ready() -> bool:
+                entry = frontend.models.prefill.models.get(name)
+                return entry is not None and len(entry.workers) >= cfg.prefill_workers
+            await frontend.models.wait_for(prefill_ready, timeout=cfg.start_timeout_s)
 
     try:
         try:  # fail before starting anything when the port is taken
@@ -342,16 +374,19 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
         except OSError as exc:
             _say(f"cannot listen on {cfg.host}:{cfg.port}: {exc}")
             return 1
-        _say(f"starting {cfg.workers} worker{'s' if cfg.workers > 1 else ''} "
-             f"(engine {cfg.engine}, model {name} from {model_dir})...")
+        kinds = ", ".join(f"{n} {r}" for r, n in (("prefill", cfg.prefill_workers),
+                                                    ("decode", cfg.decode_workers)) if n)
+        _say(f"starting {total} worker{'s' if total > 1 else ''}{f' ({kinds})' if kinds else ''}"
+             f" (engine {cfg.engine}, model {name} from {model_dir})...")
         await frontend.start()
         if services is not None:
             await services.start()
         frontend.models.add_listener(on_worker)
-        for i in range(cfg.workers):
+        frontend.models.prefill.add_listener(on_worker)
+        for i, role in enumerate(roles):
             argv = worker_argv(cfg, model_dir, name, discovery,
-                               md.tokenizer.get_vocab_size(with_added_tokens=True))
-            p = WorkerProcess(i + 1, cfg.workers, argv, echo_logs=cfg.worker_logs)
+                               md.tokenizer.get_vocab_size(with_added_tokens=True), role)
+            p = WorkerProcess(i + 1, total, argv, echo_logs=cfg.worker_logs, role=role)
             await p.start()
             procs.append(p)
             assert p.proc is not None
@@ -359,8 +394,7 @@ async def run_local(cfg: LocalRunConfig, *, stop: asyncio.Event | None = None) -
             waits[asyncio.ensure_future(p.wait())] = p
 
         # Start-up: every worker registered, or one exits, or a signal, or the timeout.
-        ready_task = asyncio.ensure_future(frontend.wait_for_model(
-            name, workers=cfg.workers, timeout=cfg.start_timeout_s))
+        ready_task = asyncio.ensure_future(all_registered())
         stop_task = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready_task, stop_task, *waits},
                                      return_when=asyncio.FIRST_COMPLETED)

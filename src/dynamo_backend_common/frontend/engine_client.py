@@ -7,6 +7,10 @@
   prompt plus every token already delivered, and ``max_tokens`` shrinks accordingly, so the
   client sees one unbroken stream. The terminal chunk's usage is rebased onto the original
   request (prompt = the original prompt, completion = all tokens of the stream).
+- A model with prefill or decode workers (disaggregated serving) has each attempt prepared by
+  the :class:`~.disagg.PrefillRouter` first (the prefill hop); a decode worker that refuses
+  the prepared request is replaced without prefilling again; a migration prefills the
+  continuation anew.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..protocols.codec import from_msgpack, to_msgpack
 from ..protocols.common import LLMEngineOutput, PreprocessedRequest, RoutingHints, usage
 from ..runtime.context import Context
 from ..runtime.transport.dispatch import WorkerClient
+from .disagg import PrefillRouter, Prepared
 from .model_manager import ModelManager
 from .routing import Routed, Router
 
@@ -49,10 +54,13 @@ class EngineClient:
         router: Router,
         *,
         transport: WorkerClient | None = None,
+        prefill: PrefillRouter | None = None,
     ) -> None:
         self.models = models
         self.router = router
         self.transport = transport or WorkerClient()
+        #: The prefill router of disaggregated models (``None``: every model aggregated).
+        self.prefill = prefill
         #: Streams moved to another worker after a mid-stream failure (all requests).
         self.migrations = 0
 
@@ -71,62 +79,84 @@ class EngineClient:
         migrations = 0
         base_max = request.stop_conditions.max_tokens
         current = request
-        while True:
-            entry = self.models.models.get(model)
-            if entry is None:
-                raise NoWorkersError(model, "all workers left")
-            try:
-                routed: Routed = self.router.route(model, entry, current.token_ids, tried)
-            except LookupError:
-                raise NoWorkersError(model, f"tried {len(tried)} worker(s)") from None
-            worker = routed.worker
-            tried.add(worker.instance_id)
-            started = False
-            try:
-                sent = _with_target(current, worker.instance_id, routed)
-                stream = self.transport.stream(worker.info, to_msgpack(sent), ctx,
-                                               headers={"x-request-id": ctx.id})
-                offset = len(delivered)  # tokens earlier attempts already delivered
+        prefill = self.prefill
+        prepared: Prepared | None = None
+        finished = False
+        try:
+            while True:
+                entry = self.models.models.get(model)
+                if entry is None:
+                    raise NoWorkersError(model, "all workers left")
+                exclude = tried
+                if prefill is not None and prefill.applies(model):
+                    if prepared is None:
+                        prepared = await prefill.prepare(model, entry, current, ctx)
+                    if prepared.exclude:
+                        exclude = tried | prepared.exclude
+                sending = current if prepared is None else prepared.request
                 try:
-                    async for raw in stream:
-                        out = from_msgpack(raw, LLMEngineOutput)
-                        if not started:
-                            started = True
-                            self.router.first_token(routed)
-                        delivered.extend(out.token_ids)
-                        if offset and out.completion_usage is not None:
-                            out = _rebase_usage(out, len(request.token_ids), offset)
-                        yield out
-                        if out.finish_reason is not None:
-                            return
-                finally:
-                    await stream.aclose()
-                # The worker ended the stream without a terminal chunk.
-                raise DynamoError(BackendError.StreamIncomplete,
-                                  "stream ended without a terminal chunk")
-            except DynamoError as exc:
-                if ctx.is_stopped():
+                    routed: Routed = self.router.route(model, entry, sending.token_ids, exclude)
+                except LookupError:
+                    raise NoWorkersError(model, f"tried {len(tried)} worker(s)") from None
+                worker = routed.worker
+                tried.add(worker.instance_id)
+                if prepared is not None:
+                    assert prefill is not None
+                    prefill.count_role(model, worker)
+                started = False
+                try:
+                    sent = _with_target(sending, worker.instance_id, routed)
+                    stream = self.transport.stream(worker.info, to_msgpack(sent), ctx,
+                                                   headers={"x-request-id": ctx.id})
+                    offset = len(delivered)  # tokens earlier attempts already delivered
+                    try:
+                        async for raw in stream:
+                            out = from_msgpack(raw, LLMEngineOutput)
+                            if not started:
+                                started = True
+                                self.router.first_token(routed)
+                            delivered.extend(out.token_ids)
+                            if offset and out.completion_usage is not None:
+                                out = _rebase_usage(out, len(request.token_ids), offset)
+                            if out.finish_reason is not None:
+                                finished = True
+                            yield out
+                            if finished:
+                                return
+                    finally:
+                        await stream.aclose()
+                    # The worker ended the stream without a terminal chunk.
+                    raise DynamoError(BackendError.StreamIncomplete,
+                                      "stream ended without a terminal chunk")
+                except DynamoError as exc:
+                    if ctx.is_stopped():
+                        raise
+                    if not started and not delivered and exc.kind in _REFUSED:
+                        log.info("worker %x refused request %s (%s); trying another",
+                                 worker.instance_id, ctx.id, exc.kind.value)
+                        continue
+                    if exc.kind in _BROKEN or (exc.kind in _REFUSED and delivered):
+                        if migrations >= limit:
+                            raise DynamoError(exc.kind, f"{exc.message} (migration limit "
+                                              f"{limit} reached)") from exc
+                        migrations += 1
+                        self.migrations += 1
+                        log.warning("request %s: worker %x failed mid-stream (%s); migrating "
+                                    "with %d tokens generated (%d/%d)", ctx.id,
+                                    worker.instance_id, exc.kind.value, len(delivered),
+                                    migrations, limit)
+                        current = _continuation(request, delivered, base_max)
+                        tried = {worker.instance_id}
+                        if prepared is not None and prepared.hop is not None:
+                            await prepared.hop.finish(False)
+                        prepared = None  # the continuation is prefilled anew
+                        continue
                     raise
-                if not started and not delivered and exc.kind in _REFUSED:
-                    log.info("worker %x refused request %s (%s); trying another",
-                             worker.instance_id, ctx.id, exc.kind.value)
-                    continue
-                if exc.kind in _BROKEN or (exc.kind in _REFUSED and delivered):
-                    if migrations >= limit:
-                        raise DynamoError(exc.kind, f"{exc.message} (migration limit "
-                                          f"{limit} reached)") from exc
-                    migrations += 1
-                    self.migrations += 1
-                    log.warning("request %s: worker %x failed mid-stream (%s); migrating "
-                                "with %d tokens generated (%d/%d)", ctx.id,
-                                worker.instance_id, exc.kind.value, len(delivered),
-                                migrations, limit)
-                    current = _continuation(request, delivered, base_max)
-                    tried = {worker.instance_id}
-                    continue
-                raise
-            finally:
-                self.router.finished(routed)
+                finally:
+                    self.router.finished(routed)
+        finally:
+            if prepared is not None and prepared.hop is not None:
+                await prepared.hop.finish(finished)
 
 
 def _with_target(

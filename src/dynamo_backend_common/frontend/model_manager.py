@@ -4,6 +4,12 @@ Watches ``v1/mdc/`` (model cards) and ``v1/instances/`` (request-plane addresses
 listed while at least one worker with both a card and an instance entry serves it; it disappears
 when its last worker leaves. The tokenizer/preprocessor of a model is loaded once, from the first
 card's ``source_path``.
+
+Workers registered with ``worker_type`` ``prefill`` (``--disaggregation-mode prefill``) are kept
+apart, in :attr:`ModelManager.prefill`: they serve no OpenAI route and never receive a normal
+request; only the prefill router (:mod:`.disagg`) sends them work. A model served only by
+prefill workers is not listed. ``aggregated`` and ``decode`` workers form the serving pool
+(:attr:`ModelManager.models`).
 """
 
 from __future__ import annotations
@@ -51,26 +57,73 @@ class ModelEntry:
     created: int = 0
 
 
-class ModelManager:
-    """Keeps :attr:`models` in sync with discovery. Start with :meth:`start`, stop with
-    :meth:`close`. ``on_change`` callbacks run after every change (e.g. routers add workers).
-    """
+PREFILL_WORKER_TYPE = "prefill"
+DECODE_WORKER_TYPE = "decode"
 
-    def __init__(self, discovery: Discovery, *, namespace: str | None = None) -> None:
-        self._discovery = discovery
-        self._namespace = namespace
+
+class WorkerPool:
+    """Models and the workers serving them in one role, with join/leave listeners."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
         self.models: dict[str, ModelEntry] = {}
-        self._cards: dict[str, ModelCard] = {}  # suffix key -> card
-        self._instances: dict[str, InstanceInfo] = {}
-        self._tasks = TaskSet()
         self._listeners: list[Callable[[str, WorkerEntry, bool], None]] = []
-        self._changed = asyncio.Condition()
-        self._synced = asyncio.Event()
-        self._synced_parts: set[str] = set()
 
     def add_listener(self, fn: Callable[[str, WorkerEntry, bool], None]) -> None:
         """``fn(model_name, worker, added)`` on every worker joining or leaving a model."""
         self._listeners.append(fn)
+
+    def _sync(self, wanted: dict[str, dict[int, WorkerEntry]],
+              cards: dict[str, ModelCard]) -> None:
+        # Diff against the current view so listeners see precise joins and leaves.
+        for name, entry in list(self.models.items()):
+            now = wanted.get(name, {})
+            for iid, w in list(entry.workers.items()):
+                if iid not in now:
+                    del entry.workers[iid]
+                    self._notify(name, w, False)
+            if not now:
+                del self.models[name]
+                log.info("model %s removed from the %s pool (no workers left)", name,
+                         self.role)
+        for name, workers in wanted.items():
+            current = self.models.get(name)
+            if current is None:
+                current = self.models[name] = ModelEntry(name, cards[name], {}, int(time.time()))
+                log.info("model %s added (%s pool)", name, self.role)
+            for iid, w in workers.items():
+                if iid not in current.workers:
+                    current.workers[iid] = w
+                    self._notify(name, w, True)
+                    log.info("model %s: %s worker %x joined at %s", name, w.card.worker_type,
+                             iid, w.address)
+
+    def _notify(self, name: str, worker: WorkerEntry, added: bool) -> None:
+        for fn in self._listeners:
+            try:
+                fn(name, worker, added)
+            except Exception:
+                log.exception("model listener failed")
+
+
+class ModelManager(WorkerPool):
+    """Keeps :attr:`models` (the serving pool: aggregated and decode workers) and
+    :attr:`prefill` (prefill workers) in sync with discovery. Start with :meth:`start`, stop
+    with :meth:`close`. Listeners run after every change (e.g. routers add workers).
+    """
+
+    def __init__(self, discovery: Discovery, *, namespace: str | None = None) -> None:
+        super().__init__("serving")
+        self._discovery = discovery
+        self._namespace = namespace
+        #: Prefill workers per model (``worker_type`` ``prefill``), for the prefill router.
+        self.prefill = WorkerPool(PREFILL_WORKER_TYPE)
+        self._cards: dict[str, ModelCard] = {}  # suffix key -> card
+        self._instances: dict[str, InstanceInfo] = {}
+        self._tasks = TaskSet()
+        self._changed = asyncio.Condition()
+        self._synced = asyncio.Event()
+        self._synced_parts: set[str] = set()
 
     async def start(self) -> None:
         for prefix in (MODELS_PREFIX, INSTANCES_PREFIX):
@@ -119,43 +172,19 @@ class ModelManager:
             self._changed.notify_all()
 
     def _rebuild(self) -> None:
-        wanted: dict[str, dict[int, WorkerEntry]] = {}
-        cards: dict[str, ModelCard] = {}
+        pools: dict[bool, tuple[dict[str, dict[int, WorkerEntry]], dict[str, ModelCard]]] = {
+            False: ({}, {}), True: ({}, {})}
         for suffix, card in self._cards.items():
             info = self._instances.get(suffix)
             if info is None:
                 continue
+            wanted, cards = pools[card.worker_type.lower() == PREFILL_WORKER_TYPE]
             wanted.setdefault(card.display_name, {})[card.instance_id] = WorkerEntry(
                 card.instance_id, card, info
             )
             cards.setdefault(card.display_name, card)
-        # Diff against the current view so listeners see precise joins and leaves.
-        for name, entry in list(self.models.items()):
-            now = wanted.get(name, {})
-            for iid, w in list(entry.workers.items()):
-                if iid not in now:
-                    del entry.workers[iid]
-                    self._notify(name, w, False)
-            if not now:
-                del self.models[name]
-                log.info("model %s removed (no workers left)", name)
-        for name, workers in wanted.items():
-            current = self.models.get(name)
-            if current is None:
-                current = self.models[name] = ModelEntry(name, cards[name], {}, int(time.time()))
-                log.info("model %s added", name)
-            for iid, w in workers.items():
-                if iid not in current.workers:
-                    current.workers[iid] = w
-                    self._notify(name, w, True)
-                    log.info("model %s: worker %x joined at %s", name, iid, w.address)
-
-    def _notify(self, name: str, worker: WorkerEntry, added: bool) -> None:
-        for fn in self._listeners:
-            try:
-                fn(name, worker, added)
-            except Exception:
-                log.exception("model listener failed")
+        self._sync(*pools[False])
+        self.prefill._sync(*pools[True])
 
 
 def _update(table: dict[str, T], kind: type[T], suffix: str, event: DiscoveryEvent,

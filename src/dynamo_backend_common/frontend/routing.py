@@ -91,7 +91,7 @@ from ..router import (
 )
 from ..runtime.events import EventPlane, Subscription, kv_events_subject, kv_metrics_subject
 from ..runtime.tasks import cancel_and_wait
-from .model_manager import ModelEntry, ModelManager, WorkerEntry
+from .model_manager import ModelEntry, WorkerEntry, WorkerPool
 from .openai_types import RequestError
 
 log = logging.getLogger("dynamo_backend_common.frontend")
@@ -308,7 +308,8 @@ def _worker_keys(worker: WorkerEntry) -> list[tuple[int, int]]:
 
 
 class Router:
-    """Routes the requests of every model a :class:`ModelManager` knows (see module doc).
+    """Routes the requests of every model a :class:`ModelManager` (or another
+    :class:`~.model_manager.WorkerPool`, such as its prefill pool) knows (see module doc).
 
     ``mode`` is any spelling :func:`normalize_router_mode` accepts (default ``round_robin``);
     :attr:`mode` holds its canonical name. In ``kv`` mode with ``kv_events`` (the default)
@@ -324,7 +325,7 @@ class Router:
 
     def __init__(
         self,
-        models: ModelManager,
+        models: WorkerPool,
         mode: str = "round_robin",
         *,
         events: EventPlane | None = None,

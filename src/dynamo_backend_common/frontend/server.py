@@ -65,8 +65,10 @@ from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.transport.dispatch import WorkerClient
 from .card_files import materialize
 from .chat_parsing import ChoiceParser, NamedToolParser, RequiredToolParser
+from .disagg import PrefillRouter
 from .engine_client import EngineClient
 from .generation import GenerationResponse, Job, job_deltas
 from .metrics import FrontendMetrics
@@ -150,6 +152,9 @@ class FrontendConfig:
     #: ``"ignore"``: it is dropped (logged once per field name), and guided decoding is passed
     #: to engines that did not declare it.
     unsupported_fields: Literal["reject", "ignore"] = "reject"
+    #: Disaggregated models: with no prefill worker usable, fail requests (503) instead of
+    #: serving them aggregated on the decode workers (Dynamo's ``--enforce-disagg``).
+    enforce_disagg: bool = False
 
     def __post_init__(self) -> None:
         from .reasoning import REASONING_PARSERS
@@ -211,6 +216,8 @@ class Frontend:
         self.metrics = FrontendMetrics()
         self.models = ModelManager(self.discovery, namespace=self.config.namespace)
         self.router: Router | None = None
+        #: Routes the prefill pool of disaggregated models (see :mod:`.disagg`).
+        self.prefill_router: Router | None = None
         self.client: EngineClient | None = None
         self._states: dict[str, asyncio.Task[_ModelState]] = {}
         self._api_key = (self.config.api_key or "").encode() or None
@@ -276,7 +283,19 @@ class Frontend:
             busy_threshold=cfg.busy_threshold, kv_events=cfg.kv_events,
             router_ttl_secs=cfg.router_ttl_secs, registry=self.metrics.registry)
         await self.router.start()
-        client = self.client = EngineClient(self.models, self.router)
+        # Prefill workers get a router of their own (same mode, same event plane): its policy
+        # state (in-flight counts, KV predictions) is about the prefill pool only.
+        self.prefill_router = Router(
+            self.models.prefill, cfg.router_mode, events=self._events,
+            overlap_weight=cfg.kv_overlap_weight, temperature=cfg.router_temperature,
+            busy_threshold=cfg.busy_threshold, kv_events=cfg.kv_events,
+            router_ttl_secs=cfg.router_ttl_secs)
+        await self.prefill_router.start()
+        transport = WorkerClient()
+        prefill = PrefillRouter(self.models, self.prefill_router, transport,
+                                enforce_disagg=cfg.enforce_disagg, registry=self.metrics.registry)
+        client = self.client = EngineClient(self.models, self.router, transport=transport,
+                                            prefill=prefill)
         self.metrics.bind(
             lambda: {n: len(e.workers) for n, e in self.models.models.items()},
             lambda: client.migrations)
@@ -289,6 +308,8 @@ class Frontend:
             await self.client.close()
         if self.router is not None:
             await self.router.close()
+        if self.prefill_router is not None:
+            await self.prefill_router.close()
         await self.models.close()
         if self._events is not None and self._own_events:
             await self._events.close()

@@ -5,15 +5,23 @@ builds the :class:`GenerateContext`, arms the cancellation monitor (``engine.abo
 once when the context is explicitly stopped or killed, never on a plain drop), wraps the stream
 in the contract validator, fires the decode first-token signal on the first non-empty chunk,
 measures TTFT / inter-token latency / token counts, and encodes each chunk for the wire.
+
+Deferred abort (decode mode): a decode request stopped before its first token is usually still
+pulling its KV blocks from a prefill worker; aborting the engine then would cut the transfer
+short and leave the prefill worker holding blocks until its hold expires. So on a decode worker
+``engine.abort`` waits until the first-token signal fired (by the first non-empty chunk or
+``ctx.notify_first_token()``) or the request's stream ended, whichever comes first. The engine
+still sees the stop at once through ``ctx``; only the out-of-band ``abort`` is deferred.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import TYPE_CHECKING, cast
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from ..engine import GenerateContext, LLMEngine
 from ..errors import DynamoError, ProtocolError
@@ -51,6 +59,8 @@ class EngineAdapter:
         self.decode_mode = decode_mode
         self.validate = validation_enabled() if validate is None else validate
         self._abort_tasks: set[asyncio.Task[None]] = set()
+        #: Aborts that waited for a decode request's first token or end (see module doc).
+        self.deferred_aborts = 0
 
     # -- transport entry point ------------------------------------------------------------
     def handle(
@@ -88,9 +98,14 @@ class EngineAdapter:
         if metrics is not None:
             metrics.request_started()
         started = time.perf_counter()
-        first_token = asyncio.Event() if self.decode_mode else None
+        first_token: asyncio.Event | None = None
+        ended: asyncio.Event | None = None
+        on_stop: Callable[[Context], None] = self._on_stop
+        if self.decode_mode:
+            first_token, ended = asyncio.Event(), asyncio.Event()
+            on_stop = functools.partial(self._on_stop_deferred, first_token, ended)
         gctx = GenerateContext(ctx, first_token, metadata)
-        ctx.add_stop_callback(self._on_stop)
+        ctx.add_stop_callback(on_stop)
 
         status = "error"
         n_out = 0
@@ -134,7 +149,9 @@ class EngineAdapter:
                 status = "dropped"
             raise
         finally:
-            ctx.remove_stop_callback(self._on_stop)
+            ctx.remove_stop_callback(on_stop)
+            if ended is not None:
+                ended.set()
             self.tracker.release()
             duration = time.perf_counter() - started
             if metrics is not None:
@@ -162,13 +179,32 @@ class EngineAdapter:
     # -- cancellation monitor -------------------------------------------------------------
     def _on_stop(self, ctx: Context) -> None:
         # Runs once per context, at the first explicit stop/kill while the request is live.
-        task = asyncio.get_running_loop().create_task(
-            self._abort(ctx), name=f"abort-{ctx.id}"
-        )
+        self._spawn_abort(self._abort(ctx), ctx)
+
+    def _on_stop_deferred(self, first_token: asyncio.Event, ended: asyncio.Event,
+                          ctx: Context) -> None:
+        if first_token.is_set() or ended.is_set():
+            self._spawn_abort(self._abort(ctx), ctx)
+        else:
+            self.deferred_aborts += 1
+            self._spawn_abort(self._abort(ctx, first_token, ended), ctx)
+
+    def _spawn_abort(self, coro: Coroutine[Any, Any, None], ctx: Context) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"abort-{ctx.id}")
         self._abort_tasks.add(task)
         task.add_done_callback(self._abort_tasks.discard)
 
-    async def _abort(self, ctx: Context) -> None:
+    async def _abort(self, ctx: Context, *after: asyncio.Event) -> None:
+        if after:
+            # Decode: the KV pull ends with the first token, or the stream ends without one.
+            waits = [asyncio.ensure_future(e.wait()) for e in after]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            log.debug("request %s: deferred abort runs now (first token: %s)", ctx.id,
+                      after[0].is_set())
         try:
             await self.engine.abort(ctx)
         except Exception:

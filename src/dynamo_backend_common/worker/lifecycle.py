@@ -402,6 +402,10 @@ class Worker:
         if payload is not None and not isinstance(payload, dict):
             log.warning("health check payload is not a JSON object; canary disabled")
             payload = None
+        if (payload is not None and cfg.disaggregation_mode is DisaggregationMode.DECODE
+                and payload.get("prefill_result") is None):
+            # A decode engine may require a prefill result; the canary has none to carry.
+            payload = {**payload, "prefill_result": {"disaggregated_params": {}}}
         self._canary = payload
         self._health = {"canary": "pending" if payload is not None else "disabled"}
         self._controls = list(await self.engine.supported_controls())
@@ -672,7 +676,8 @@ def run(
     An invalid value raises ``ValueError`` (``SystemExit`` for a non-integer port) before
     anything starts. The config's ``model_path``, when set, is exported as
     ``$DYN_MODEL_PATH`` before a factory ``engine`` is called, for engines that load weights
-    from it.
+    from it, and its ``disaggregation_mode`` as ``$DYN_DISAGGREGATION_MODE`` (``aggregated``,
+    ``prefill`` or ``decode``) for engines that take a role.
     """
     from ..log_setup import configure_logging
     from .config import worker_config_from_argv
@@ -682,6 +687,8 @@ def run(
         config = worker_config_from_argv([])
     if config.model_path:
         os.environ["DYN_MODEL_PATH"] = config.model_path
+    # Engines with a disaggregated role (the mocker) read it as Dynamo's engines read CommonArgs.
+    os.environ["DYN_DISAGGREGATION_MODE"] = config.disaggregation_mode.value
 
     async def main() -> int:
         eng = engine if isinstance(engine, LLMEngine) else engine()

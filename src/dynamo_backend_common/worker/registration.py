@@ -104,8 +104,11 @@ def build_model_card(cfg: WorkerConfig, engine_cfg: EngineConfig, worker_id: int
     types = [t.strip().lower() for t in cfg.endpoint_types.split(",") if t.strip()]
     names = {"chat": "Chat", "completions": "Completions", "completion": "Completions"}
     model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
+    tool_parser, reasoning_parser = cfg.tool_call_parser, cfg.reasoning_parser
     if mode is DisaggregationMode.PREFILL:
+        # No OpenAI surface of its own: output parsing belongs to the decode worker's card.
         model_type = "Prefill"
+        tool_parser = reasoning_parser = None
     disagg = None
     if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
         disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
@@ -135,8 +138,8 @@ def build_model_card(cfg: WorkerConfig, engine_cfg: EngineConfig, worker_id: int
                 total_kv_blocks=engine_cfg.total_kv_blocks,
                 max_num_seqs=engine_cfg.max_num_seqs,
                 max_num_batched_tokens=engine_cfg.max_num_batched_tokens,
-                tool_call_parser=cfg.tool_call_parser,
-                reasoning_parser=cfg.reasoning_parser,
+                tool_call_parser=tool_parser,
+                reasoning_parser=reasoning_parser,
                 data_parallel_size=engine_cfg.data_parallel_size or 1,
                 data_parallel_start_rank=engine_cfg.data_parallel_start_rank or 0,
                 kv_event_publishing_enabled=publishes_kv_events,
