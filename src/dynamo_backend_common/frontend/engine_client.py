@@ -82,6 +82,7 @@ class EngineClient:
         prefill = self.prefill
         prepared: Prepared | None = None
         finished = False
+        broken: DynamoError | None = None  # the failure the current attempt migrates from
         try:
             while True:
                 entry = self.models.models.get(model)
@@ -97,6 +98,9 @@ class EngineClient:
                 try:
                     routed: Routed = self.router.route(model, entry, sending.token_ids, exclude)
                 except LookupError:
+                    if broken is not None:  # a stream to migrate, and nowhere to take it
+                        raise DynamoError(broken.kind, f"{broken.message} (no other worker to "
+                                          "continue the stream on)") from broken
                     raise NoWorkersError(model, f"tried {len(tried)} worker(s)") from None
                 worker = routed.worker
                 tried.add(worker.instance_id)
@@ -147,6 +151,7 @@ class EngineClient:
                                     migrations, limit)
                         current = _continuation(request, delivered, base_max)
                         tried = {worker.instance_id}
+                        broken = exc
                         if prepared is not None and prepared.hop is not None:
                             await prepared.hop.finish(False)
                         prepared = None  # the continuation is prefilled anew

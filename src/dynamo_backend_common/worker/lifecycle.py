@@ -393,7 +393,12 @@ class Worker:
                 log.warning("event plane flush failed: %s", exc)
 
         payload = cfg.health_check_payload or env_health_check_payload()
-        if payload is None:
+        disabled = os.environ.get("DYN_HEALTH_CHECK_ENABLED", "").strip().lower() in (
+            "0", "false", "no", "off")
+        if disabled:
+            log.info("health canary disabled (DYN_HEALTH_CHECK_ENABLED)")
+            payload = None
+        elif payload is None:
             try:
                 payload = await self.engine.health_check_payload()
             except Exception as exc:

@@ -6,11 +6,15 @@ stand-in for a GPU in tests and router benchmarks.
 
     from dynamo_backend_common.mocker import MockerEngine
     engine = MockerEngine(num_gpu_blocks=1024, speedup_ratio=10.0)
+
+``disaggregation_mode="prefill"`` / ``"decode"`` give the two disaggregated roles, with a
+simulated KV transfer between them (:mod:`.disagg`).
 """
 
 from .args import MockerArgs
+from .disagg import KvTransferStats
 from .engine import MockerEngine
-from .kv_manager import KvManager, KvStats
+from .kv_manager import KvManager, KvPin, KvStats
 from .scheduler import (
     CostModel,
     Scheduler,
@@ -26,7 +30,9 @@ from .structured import ScriptedSequence, guided_text, instance_for_schema
 __all__ = [
     "CostModel",
     "KvManager",
+    "KvPin",
     "KvStats",
+    "KvTransferStats",
     "MockerArgs",
     "MockerEngine",
     "Scheduler",

@@ -9,9 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from ...errors import DynamoError
+from ...worker.config import DisaggregationMode
 from .scheduler import CostModel, SchedulerConfig
 
-__all__ = ["MockerArgs"]
+__all__ = ["KV_LOAD_FAILURE_POLICIES", "MockerArgs"]
+
+#: ``--kv-load-failure``: what a decode mocker does when its KV pull fails.
+KV_LOAD_FAILURE_POLICIES: tuple[str, ...] = ("recompute", "fail")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +69,44 @@ class MockerArgs:
     prefill_ms_per_token_sq: float = CostModel.prefill_ms_per_token_sq
     decode_base_ms: float = CostModel.decode_base_ms
     decode_ms_per_seq: float = CostModel.decode_ms_per_seq
+    #: Disaggregated role (:mod:`.disagg`): ``agg``/``aggregated``, ``prefill`` or ``decode``,
+    #: stored as :class:`DisaggregationMode` value (``aggregated``, ``prefill``, ``decode``).
+    #: ``from_args`` defaults it to ``$DYN_DISAGGREGATION_MODE`` (the worker exports its own
+    #: ``--disaggregation-mode`` there).
+    disaggregation_mode: str = DisaggregationMode.AGGREGATED.value
+    #: Prefill: bind address of the KV transfer server (an ephemeral port).
+    transfer_host: str = "127.0.0.1"
+    #: Prefill: advertise the transfer server as ``EngineConfig.bootstrap_host``/``port``, so
+    #: the frontend routes decode concurrently with prefill (Dynamo's bootstrap path).
+    bootstrap: bool = False
+    #: Prefill: a hold the decode worker has not pulled after this long is freed (counted).
+    kv_hold_timeout_s: float = 30.0
+    #: Simulated KV transfer time per block, before ``speedup_ratio`` (0: instant).
+    kv_transfer_ms_per_block: float = 0.2
+    #: Decode: bound on one KV pull (connect, transfer, reply).
+    kv_pull_timeout_s: float = 30.0
+    #: Decode: on a failed pull, ``recompute`` the prompt locally or ``fail`` the request.
+    kv_load_failure: str = "recompute"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        try:
+            # An enum member is welcome too (``MockerArgs(disaggregation_mode=mode)``).
+            mode = DisaggregationMode.parse(
+                str(getattr(self.disaggregation_mode, "value", self.disaggregation_mode))
+            )
+            object.__setattr__(self, "disaggregation_mode", mode.value)
+        except ValueError:
+            problems.append(
+                f"disaggregation_mode must be agg, aggregated, prefill or decode, got "
+                f"{self.disaggregation_mode!r}"
+            )
+        if self.kv_load_failure not in KV_LOAD_FAILURE_POLICIES:
+            problems.append(
+                f"kv_load_failure must be recompute or fail, got {self.kv_load_failure!r}"
+            )
+        if not self.transfer_host.strip():
+            problems.append("transfer_host must not be empty")
         for name in (
             "num_gpu_blocks",
             "block_size",
@@ -98,10 +137,15 @@ class MockerArgs:
             "prefill_ms_per_token_sq",
             "decode_base_ms",
             "decode_ms_per_seq",
+            "kv_transfer_ms_per_block",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 problems.append(f"{name} must be finite and >= 0")
+        for name in ("kv_hold_timeout_s", "kv_pull_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} must be finite and > 0")
         if problems:
             raise DynamoError.invalid_argument("invalid mocker args: " + "; ".join(problems))
 
@@ -109,6 +153,18 @@ class MockerArgs:
     def as_fast_as_possible(self) -> bool:
         """True when steps do not wait (``speedup_ratio`` 0 or inf)."""
         return self.speedup_ratio == 0 or math.isinf(self.speedup_ratio)
+
+    @property
+    def role(self) -> DisaggregationMode:
+        """The disaggregated role, as the worker's enum."""
+        return DisaggregationMode(self.disaggregation_mode)
+
+    @property
+    def transfer_s_per_block(self) -> float:
+        """Wall seconds one KV block takes to transfer (0 when steps do not wait either)."""
+        if self.as_fast_as_possible:
+            return 0.0
+        return self.kv_transfer_ms_per_block / 1000.0 / self.speedup_ratio
 
     @property
     def max_seq_len(self) -> int:
@@ -200,6 +256,30 @@ class MockerArgs:
             help="fixed cost of a step that decodes")
         add("--decode-ms-per-seq", type=float, default=d.decode_ms_per_seq,
             help="cost per decoding sequence")
+        g = p.add_argument_group("disaggregated serving")
+        g.add_argument("--disaggregation-mode",
+                       choices=("agg", "aggregated", "prefill", "decode"),
+                       default=_env_mode(),
+                       help="role: prefill computes the prompt's KV and holds it for a decode "
+                       "worker's pull; decode pulls it and generates [DYN_DISAGGREGATION_MODE]")
+        g.add_argument("--transfer-host", default=d.transfer_host,
+                       help="prefill: bind address of the KV transfer server (ephemeral port)")
+        g.add_argument("--bootstrap", action=argparse.BooleanOptionalAction,
+                       default=d.bootstrap,
+                       help="prefill: advertise the transfer server as the bootstrap endpoint, "
+                       "so decode is routed concurrently with prefill")
+        g.add_argument("--kv-hold-timeout-s", type=float, default=d.kv_hold_timeout_s,
+                       help="prefill: free a KV hold not pulled within this long")
+        g.add_argument("--kv-transfer-ms-per-block", type=float,
+                       default=d.kv_transfer_ms_per_block,
+                       help="simulated KV transfer time per block, divided by speedup-ratio "
+                       "(0: instant)")
+        g.add_argument("--kv-pull-timeout-s", type=float, default=d.kv_pull_timeout_s,
+                       help="decode: bound on one KV pull")
+        g.add_argument("--kv-load-failure", choices=KV_LOAD_FAILURE_POLICIES,
+                       default=d.kv_load_failure,
+                       help="decode: on a failed KV pull, recompute the prompt locally or fail "
+                       "the request")
         return p
 
     @classmethod
@@ -212,3 +292,10 @@ class MockerArgs:
             return cls(**{k: v for k, v in vars(ns).items() if k in names})
         except DynamoError as exc:
             parser.error(exc.message)
+
+
+def _env_mode() -> str:
+    """``$DYN_DISAGGREGATION_MODE`` as a ``--disaggregation-mode`` choice (an unknown value is
+    left for ``MockerArgs`` to reject with a message)."""
+    raw = os.environ.get("DYN_DISAGGREGATION_MODE", "").strip().lower()
+    return raw or "agg"

@@ -29,6 +29,11 @@ tokens, the encoding of a schema-valid JSON instance (or one of the choices) dra
 seed (:mod:`.structured`), at the same simulated pace through the same scheduler, ending with
 ``eos``. Without a tokenizer nothing is advertised and a guided request raises
 ``DynamoError(InvalidArgument)`` saying why.
+
+Disaggregated serving: ``--disaggregation-mode prefill`` or ``decode`` (default
+``$DYN_DISAGGREGATION_MODE``) makes the mocker one half of a prefill/decode pair with a
+simulated KV transfer between them; :mod:`.disagg` states that contract. The default
+(aggregated) mocker does none of it: its per-token path is unchanged.
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ from ...protocols.kv import KvEventData
 from ...runtime.context import Context
 from ...runtime.publishers import KvEventPublisher, SnapshotPublisher
 from ...runtime.tasks import cancel_and_wait
+from ...worker.config import DisaggregationMode
 from .args import MockerArgs
+from .disagg import KvPuller, KvSource, KvTransferServer, KvTransferStats
 from .kv_manager import KvManager, KvStats
-from .scheduler import Scheduler, Sequence, StepStats, StopRules
+from .scheduler import Scheduler, SeqState, Sequence, StepStats, StopRules
 from .structured import ScriptedSequence, guided_text
 
 __all__ = ["MockerEngine"]
@@ -124,12 +131,20 @@ class _Rank:
         self._work.set()
 
     def cancel(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks now (stop, abort, drop, error). Idempotent."""
-        if self.scheduler.remove(seq):
+        """Free ``seq``'s blocks now (stop, abort, shutdown), unless a KV pull is landing in
+        them: then the stream frees them once the pull ended. Idempotent."""
+        if seq.state is not SeqState.LOADING and self.scheduler.remove(seq):
             self._work.set()
 
+    def loaded(self, seq: Sequence, token: int | None) -> None:
+        """A decode request's KV pull ended (see :meth:`Scheduler.loaded`)."""
+        self.scheduler.loaded(seq, token)
+        self._work.set()
+
     def detach(self, seq: Sequence) -> None:
-        self.cancel(seq)
+        """The stream ended (any way): free ``seq``'s blocks and forget it."""
+        if self.scheduler.remove(seq):
+            self._work.set()
         entries = self.requests.get(seq.request_id)
         if entries is not None:
             entries[:] = [e for e in entries if e[0] is not seq]
@@ -138,6 +153,8 @@ class _Rank:
 
     def abort(self, request_id: str) -> None:
         for seq, _ctx in list(self.requests.get(request_id, ())):
+            if seq.state is SeqState.LOADING:
+                continue  # its pull ends first; the stream then sees the stop
             self.cancel(seq)
             if seq.finish_reason is None:
                 seq.finish_reason = FinishReason.CANCELLED
@@ -283,7 +300,9 @@ class MockerEngine(LLMEngine):
       checked before any token: regex, grammar, structural_tag, a schema keyword
       :func:`~.structured.instance_for_schema` does not cover, or no tokenizer raise
       ``DynamoError(InvalidArgument)``; a guided stream ends with ``eos`` once the instance is
-      out (``length`` if ``max_tokens`` comes first).
+      out (``length`` if ``max_tokens`` comes first);
+    - the prefill and decode roles behave as :mod:`.disagg` says (``kv_transfers`` counts the
+      transfers; ``transfer_server`` is the prefill role's holds and server).
     """
 
     def __init__(self, args: MockerArgs | None = None, **overrides: Any) -> None:
@@ -305,6 +324,18 @@ class MockerEngine(LLMEngine):
         # why there is none (for the InvalidArgument a guided request gets).
         self._tokenizer: Any = None
         self._no_tokenizer = "the mocker is not started"
+        role = args.role
+        self.role = role
+        #: Counters of the disaggregated roles' KV transfers (all zero when aggregated).
+        self.kv_transfers = KvTransferStats(role.value)
+        #: Prefill role: the KV holds and their transfer server.
+        self.transfer_server: KvTransferServer | None = (
+            KvTransferServer(args, self.kv_transfers)
+            if role is DisaggregationMode.PREFILL else None
+        )
+        self._puller: KvPuller | None = (
+            KvPuller(args, self.kv_transfers) if role is DisaggregationMode.DECODE else None
+        )
 
     @classmethod
     def from_args(cls, argv: Seq[str] | None = None) -> MockerEngine:
@@ -320,13 +351,19 @@ class MockerEngine(LLMEngine):
         self._tokenizer, self._no_tokenizer = await asyncio.to_thread(
             _load_tokenizer, self.args.model_path
         )
+        bootstrap: tuple[str, int] | None = None
+        if self.transfer_server is not None:
+            address = await self.transfer_server.start()
+            if self.args.bootstrap:
+                bootstrap = address
         loop = asyncio.get_running_loop()
         for rank in self._ranks:
             rank.task = loop.create_task(rank.run(), name=f"mocker-dp{rank.dp_rank}")
         a = self.args
         log.info(
-            "mocker started (worker %x): %d rank(s) x %d blocks of %d tokens, speedup %s",
+            "mocker started (worker %x): %d rank(s) x %d blocks of %d tokens, speedup %s, %s",
             worker_id, a.dp_size, a.num_gpu_blocks, a.block_size, a.speedup_ratio,
+            self.role.value,
         )
         return EngineConfig(
             model=a.model_name,
@@ -338,6 +375,8 @@ class MockerEngine(LLMEngine):
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
             data_parallel_size=a.dp_size,
+            bootstrap_host=None if bootstrap is None else bootstrap[0],
+            bootstrap_port=None if bootstrap is None else bootstrap[1],
             runtime_data=(
                 {GUIDED_DECODING_KEY: list(GUIDED_KINDS)} if self._tokenizer is not None else {}
             ),
@@ -350,6 +389,10 @@ class MockerEngine(LLMEngine):
         for rank in self._ranks:
             rank.stop_all()
         await cancel_and_wait(r.task for r in self._ranks if r.task is not None)
+        if self._puller is not None:
+            await self._puller.close()
+        if self.transfer_server is not None:
+            await self.transfer_server.close()
         for rank in self._ranks:
             rank.task = None
             rank.kv_publisher = None
@@ -357,9 +400,12 @@ class MockerEngine(LLMEngine):
         log.info("mocker stopped")
 
     async def drain(self) -> None:
-        """Wait until no request is waiting or running on any rank (the caller bounds it)."""
+        """Wait until no request is waiting or running on any rank and, on a prefill worker,
+        until every KV hold was pulled or expired (the caller bounds it)."""
         for rank in self._ranks:
             await rank.wait_idle()
+        if self.transfer_server is not None:
+            await self.transfer_server.wait_drained()
 
     async def abort(self, ctx: Context) -> None:
         for rank in self._ranks:
@@ -396,6 +442,12 @@ class MockerEngine(LLMEngine):
             raise DynamoError.engine_shutdown(f"mocker dp_rank {rank.dp_rank} failed")
         sc = request.stop_conditions
         max_tokens = args.max_tokens if sc.max_tokens is None else sc.max_tokens
+        min_tokens = sc.min_tokens or 0
+        prefill = self.transfer_server
+        if prefill is not None:
+            # One token, never a stop: the decode worker applies the stop rules to it.
+            max_tokens = min(max_tokens, 1)
+            min_tokens = max_tokens
         if max_tokens == 0:
             terminal = LLMEngineOutput.cancelled() if ctx.is_stopped() else LLMEngineOutput.length()
             yield terminal.with_usage(usage(len(prompt), 0))
@@ -405,7 +457,7 @@ class MockerEngine(LLMEngine):
         rules = StopRules(
             max_tokens=max_tokens,
             max_len=max_len,
-            min_tokens=sc.min_tokens or 0,
+            min_tokens=min_tokens,
             eos_ids=eos,
             eos_rate=0.0 if sc.ignore_eos else args.eos_rate,
             stop_hidden=frozenset(sc.stop_token_ids_hidden or ()),
@@ -422,18 +474,27 @@ class MockerEngine(LLMEngine):
                 ctx.id, list(prompt), rules,
                 block_size=args.block_size, seed=seed, vocab_size=args.vocab_size, script=script,
             )
+        inner = ctx.inner
+        source: KvSource | None = None
+        if self._puller is not None:
+            source = self._puller.source(request, inner)  # None: a local prefill
+            seq.remote_kv = source is not None
+        elif prefill is not None and not request.health_check:
+            seq.retain_kv = True
         wake = asyncio.Event()
         seq.notify = wake.set
-        inner = ctx.inner
 
         def on_stop(_ctx: Context) -> None:
-            rank.cancel(seq)  # free the blocks now, even if nobody resumes this stream
+            rank.cancel(seq)  # free the blocks now (unless a pull is landing in them)
             wake.set()
 
         rank.attach(seq, inner)
         inner.add_stop_callback(on_stop)
         delivered = 0
+        held = False  # prefill role: the KV went to a hold
         try:
+            if source is not None:
+                await self._load(source, request, ctx, rank, seq, wake)
             while True:
                 if ctx.is_stopped():
                     tokens, _ = seq.take_output()
@@ -452,6 +513,9 @@ class MockerEngine(LLMEngine):
                     out = LLMEngineOutput(
                         token_ids=tokens, finish_reason=finish, stop_reason=seq.stop_reason
                     )
+                    if seq.kv_pin is not None and prefill is not None:
+                        out = prefill.hold(seq, rank.kv, rank.dp_rank, request, out)
+                        held = out.disaggregated_params is not None
                     yield self._terminal(out, seq, delivered)
                     return
                 if tokens:
@@ -463,6 +527,30 @@ class MockerEngine(LLMEngine):
             # Every exit path: finished, cancelled, raised, or the consumer dropped the stream.
             inner.remove_stop_callback(on_stop)
             rank.detach(seq)
+            if prefill is not None and not held:
+                prefill.discard(seq, rank.kv, request)  # cancelled or failed: hold nothing
+
+    async def _load(self, source: KvSource, request: PreprocessedRequest, ctx: GenerateContext,
+                    rank: _Rank, seq: Sequence, wake: asyncio.Event) -> None:
+        """Decode role: once the scheduler admitted ``seq`` into ``loading`` (blocks for its
+        prompt allocated), pull the KV into them, then let it run (see :mod:`.disagg`).
+        Returns early, the stream loop ending it, when ``seq`` was stopped before admission."""
+        assert self._puller is not None
+        while seq.state is SeqState.WAITING and rank.failure is None:
+            wake.clear()
+            await wake.wait()
+        if seq.state is not SeqState.LOADING:
+            return
+        # Not cut short by a stop: a pull abandoned mid-transfer leaves the prefill worker
+        # holding the blocks until they expire. The puller bounds it.
+        pulled = await self._puller.pull(source, request, ctx.inner, rank.kv.block_size)
+        if ctx.is_stopped() or rank.failure is not None:
+            rank.detach(seq)  # the landing blocks go now; the stream loop ends it
+            return
+        if pulled is not None:
+            seq.cached_tokens = pulled.cached_tokens
+            ctx.notify_first_token()
+        rank.loaded(seq, None if pulled is None else pulled.first_token)
 
     def _seed(self, request: PreprocessedRequest, ctx: GenerateContext) -> int:
         seed = request.sampling_options.seed
@@ -514,6 +602,8 @@ class MockerEngine(LLMEngine):
         return list(self._sources)
 
     async def setup_metrics(self, ctx: MetricsCtx) -> MetricsBindings:
+        if self.role is not DisaggregationMode.AGGREGATED:
+            ctx.metrics.add_expfmt_callback(self.kv_transfers.render)
         return MetricsBindings(
             dp_ranks=[r.dp_rank for r in self._ranks],
             on_publisher_ready=self._on_snapshot_publisher,
@@ -524,12 +614,16 @@ class MockerEngine(LLMEngine):
             rank.set_snapshot_publisher(publisher)
 
     async def health_check_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "token_ids": [1],
             "stop_conditions": {"max_tokens": 1, "ignore_eos": True},
             "sampling_options": {"temperature": 0.0},
             HEALTH_CHECK_KEY: True,
         }
+        if self._puller is not None:
+            # No KV to pull: the canary is prefilled locally, as Dynamo's decode canary asks.
+            payload["prefill_result"] = {"disaggregated_params": {}}
+        return payload
 
     # -- introspection (tests, benchmarks) ------------------------------------------------
     @property

@@ -17,8 +17,20 @@ sequence order, ``parent_hash`` = the block before the first one); evicting bloc
 :class:`KvRemoved`. Nothing else changes the set of hashed blocks, so replaying the events gives
 exactly :meth:`KvManager.cached_hashes`.
 
+Pins (disaggregated serving, :mod:`.disagg`): :meth:`KvManager.pin` takes over blocks a finished
+sequence still holds (its hashed references and private blocks) into a :class:`KvPin`, outside
+any sequence, so neither the scheduler nor eviction can touch them until :meth:`KvManager.unpin`.
+Each pinned block is recorded as ``(block id, allocation generation)``: the id is the block hash
+of a hashed block and a fresh negative number for a private one; the generation is a counter
+value that the manager replaces whenever that block is freed while pinned (evicted, or
+:meth:`KvManager.force_free`, the fault-injection hook of tests). :meth:`KvManager.verify` thus
+tells a reader whether a pin still names the very allocations it took, not reused ones. A
+manager with no pins does no pin bookkeeping at all (the aggregated hot path is unchanged).
+
 Invariants (checked by :meth:`KvManager.check_invariants`): every refcount is >= 0, a block is
-evictable iff its refcount is 0, ``used + cached + free == total`` with each term >= 0.
+evictable iff its refcount is 0, ``used + cached + free == total`` with each term >= 0, pinned
+private blocks are a part of the private ones, and every pinned hashed block is cached with at
+least one reference per pin.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from typing import NamedTuple
 
 from ...protocols.kv import KvEventData, KvRemoved, KvStored, StoredBlock
 
-__all__ = ["KvManager", "KvStats"]
+__all__ = ["KvManager", "KvPin", "KvStats"]
 
 
 class KvStats(NamedTuple):
@@ -42,6 +54,30 @@ class KvStats(NamedTuple):
     #: Blocks holding nothing.
     free_blocks: int
     total: int
+
+
+class KvPin:
+    """Blocks held outside any sequence (see the module docs). Build with :meth:`KvManager.pin`;
+    release with :meth:`KvManager.unpin` (idempotent)."""
+
+    __slots__ = ("blocks", "hashes", "n_private", "released")
+
+    def __init__(self, hashes: list[int], n_private: int, blocks: list[tuple[int, int]]) -> None:
+        #: Hashed blocks (one reference each), in sequence order.
+        self.hashes = hashes
+        #: Private blocks owned (the trailing partial block, or all without prefix caching).
+        self.n_private = n_private
+        #: ``(block id, allocation generation)`` of every block: hashed ones, then private ones.
+        self.blocks = blocks
+        self.released = False
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"KvPin({len(self.hashes)} hashed + {self.n_private} private, {state})"
 
 
 class KvManager:
@@ -71,6 +107,13 @@ class KvManager:
         # Insertion order = release order: the first entry is the least recently used.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._private = 0
+        # Pins: block id -> generation of the allocation pinned (empty without pins), pins per
+        # hashed block, private blocks owned by pins (a part of ``_private``).
+        self._pin_gen: dict[int, int] = {}
+        self._pin_refs: dict[int, int] = {}
+        self._pinned_private = 0
+        self._next_gen = 0
+        self._next_private_id = 0
 
     # -- queries --------------------------------------------------------------------------
     def stats(self) -> KvStats:
@@ -86,6 +129,16 @@ class KvManager:
     def private_blocks(self) -> int:
         """Blocks held privately (partial or not yet computed), across all sequences."""
         return self._private
+
+    @property
+    def pinned_private_blocks(self) -> int:
+        """Private blocks owned by pins (not by sequences)."""
+        return self._pinned_private
+
+    @property
+    def pinned_blocks(self) -> int:
+        """Distinct blocks pinned (a hashed block two pins share counts once)."""
+        return len(self._pin_refs) + self._pinned_private
 
     def available(self) -> int:
         """Blocks an allocation can get: free ones plus evictable ones."""
@@ -137,6 +190,11 @@ class KvManager:
                 h, _none = self._evictable.popitem(last=False)
                 del self._blocks[h]
                 evicted.append(h)
+            if self._pin_gen:
+                # A pinned block is never evictable; if one ever is (a refcount bug), its pin
+                # must see it as gone.
+                for h in evicted:
+                    self._invalidate(h)
             self._emit(KvRemoved(block_hashes=evicted))
         self._private += n
         return True
@@ -189,6 +247,93 @@ class KvManager:
             if refs == 1:
                 self._evictable[h] = None
 
+    # -- pins -----------------------------------------------------------------------------
+    def pin(self, hashes: Sequence[int], n_private: int) -> KvPin:
+        """Take over a caller's blocks: one reference on each of ``hashes`` (cached blocks it
+        references, in sequence order) and ``n_private`` of the private blocks it allocated.
+        The caller must forget them; :meth:`unpin` releases them."""
+        if n_private < 0 or n_private > self._private - self._pinned_private:
+            raise RuntimeError(f"pin of {n_private} private blocks; {self._private} held")
+        gen, refs, cached = self._pin_gen, self._pin_refs, self._blocks
+        blocks: list[tuple[int, int]] = []
+        for h in hashes:
+            if cached.get(h, 0) <= 0:
+                raise RuntimeError(f"pin of block {h:#x}, which the caller does not reference")
+            g = gen.get(h)
+            if g is None:  # shared by two pins: one allocation, one generation
+                g = gen[h] = self._new_gen()
+            refs[h] = refs.get(h, 0) + 1
+            blocks.append((h, g))
+        for _ in range(n_private):
+            self._next_private_id += 1
+            bid = -self._next_private_id
+            g = gen[bid] = self._new_gen()
+            blocks.append((bid, g))
+        self._pinned_private += n_private
+        return KvPin(list(hashes), n_private, blocks)
+
+    def verify(self, pin: KvPin) -> list[int]:
+        """Ids of the blocks of ``pin`` that are no longer the allocation it took (freed or
+        reused since); empty when the pin is intact."""
+        gen, cached = self._pin_gen, self._blocks
+        return [
+            bid
+            for bid, g in pin.blocks
+            if gen.get(bid) != g or (bid >= 0 and cached.get(bid, 0) <= 0)
+        ]
+
+    def unpin(self, pin: KvPin) -> None:
+        """Release a pin's blocks that are still its own (hashed blocks lose the pin's
+        reference and may become evictable; private ones are freed). Idempotent."""
+        if pin.released:
+            return
+        pin.released = True
+        gen, refs = self._pin_gen, self._pin_refs
+        keep: list[int] = []
+        n_private = 0
+        for bid, g in pin.blocks:
+            intact = gen.get(bid) == g
+            if bid >= 0:
+                left = refs[bid] - 1
+                if left:
+                    refs[bid] = left
+                else:
+                    del refs[bid]
+                    del gen[bid]
+                if intact and self._blocks.get(bid, 0) > 0:
+                    keep.append(bid)
+            elif intact:
+                del gen[bid]
+                n_private += 1
+        self._pinned_private -= n_private
+        self.release(keep, n_private)
+
+    def force_free(self, block_id: int) -> bool:
+        """Free one pinned block behind its pin's back: the fault a KV transfer must detect
+        (tests only; a correct engine never calls it). A hashed block leaves the cache (a
+        :class:`KvRemoved` is emitted) whatever its references. False when ``block_id`` is not
+        pinned."""
+        if block_id not in self._pin_gen:
+            return False
+        if block_id >= 0:
+            if block_id in self._blocks:
+                del self._blocks[block_id]
+                self._evictable.pop(block_id, None)
+                self._emit(KvRemoved(block_hashes=[block_id]))
+        else:
+            self._private -= 1
+            self._pinned_private -= 1
+        self._invalidate(block_id)
+        return True
+
+    def _invalidate(self, block_id: int) -> None:
+        if block_id in self._pin_gen:
+            self._pin_gen[block_id] = self._new_gen()  # never matches a pin's recorded one
+
+    def _new_gen(self) -> int:
+        self._next_gen += 1
+        return self._next_gen
+
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` when the accounting is inconsistent (tests, debugging)."""
         used, cached, free, total = self.stats()
@@ -199,6 +344,10 @@ class KvManager:
             assert refs >= 0, f"negative refcount on {h:#x}"
             assert (refs == 0) == (h in self._evictable), f"evictable set wrong: {h:#x}"
         assert all(h in self._blocks for h in self._evictable)
+        assert 0 <= self._pinned_private <= self._private, (self._pinned_private, self._private)
+        for h, pins in self._pin_refs.items():
+            if self._pin_gen.get(h) is not None and h in self._blocks:
+                assert self._blocks[h] >= pins, f"pinned block {h:#x} under-referenced"
 
     def _take(self, h: int) -> None:
         refs = self._blocks[h]

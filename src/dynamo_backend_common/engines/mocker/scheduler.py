@@ -20,6 +20,18 @@ One step (``max_num_batched_tokens`` = the token budget):
    (or alone in an otherwise empty step, so a long recompute cannot starve).
 
 Every sequence that computed all of its tokens in the step samples one new token.
+
+Disaggregated serving (:mod:`.disagg`) adds per-request (never per-token) hooks:
+
+- a sequence with ``retain_kv`` hands its blocks to a :class:`~.kv_manager.KvPin` (``kv_pin``)
+  when it finishes, instead of freeing them (a prefill worker's KV awaiting its pull);
+- a sequence with ``remote_kv`` (a decode worker's request whose prompt KV is on a prefill
+  worker) is admitted, in FCFS order and within ``max_num_seqs``, into ``loading`` instead of
+  running (vLLM's ``WAITING_FOR_REMOTE_KVS``): it gets blocks for its whole prompt (prefix hits
+  shared as usual), computes nothing, is never preempted (its blocks are a transfer's landing
+  zone), and is notified; the engine pulls the KV, then :meth:`Scheduler.loaded` makes it run
+  with its prompt computed and the prefill's token as its first output (or, when the pull
+  failed, with only its local prefix hits computed: it prefills the rest here).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from typing import Final
 
 from ...kv.hashing import local_block_hashes, sequence_hash
 from ...protocols.common import FinishReason
-from .kv_manager import KvManager
+from .kv_manager import KvManager, KvPin
 
 __all__ = [
     "CostModel",
@@ -113,6 +125,8 @@ class StopRules:
 
 class SeqState(Enum):
     WAITING = "waiting"
+    #: Admitted, holding blocks, its prompt KV being pulled from a prefill worker.
+    LOADING = "loading"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -131,13 +145,16 @@ class Sequence:
         "cached_tokens",
         "finish_reason",
         "hashed",
+        "kv_pin",
         "local_hashes",
         "n_private",
         "notify",
         "num_computed",
         "outbox",
         "prompt_len",
+        "remote_kv",
         "request_id",
+        "retain_kv",
         "rng",
         "rules",
         "seq_hashes",
@@ -179,6 +196,11 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None
         self.notify: Callable[[], None] = _noop
+        #: Keep the blocks pinned in ``kv_pin`` when finished (a disaggregated prefill).
+        self.retain_kv = False
+        self.kv_pin: KvPin | None = None
+        #: Its prompt's KV comes from a prefill worker: admitted into ``loading``.
+        self.remote_kv = False
 
     @property
     def num_output(self) -> int:
@@ -242,6 +264,26 @@ class Sequence:
         if n_out + 1 >= rules.max_tokens or len(self.tokens) >= rules.max_len:
             return self._finish(FinishReason.LENGTH)
         self.notify()
+        return False
+
+    def accept(self, token: int) -> bool:
+        """Take ``token``, sampled elsewhere (a disaggregated prefill's first token), as the
+        next output under the same stop rules as :meth:`sample`; True when finished."""
+        rules = self.rules
+        n_out = self.num_output
+        if n_out >= rules.min_tokens:
+            if token in rules.eos_ids:
+                return self._finish(FinishReason.EOS)
+            if token in rules.stop_hidden:
+                self.stop_reason = token
+                return self._finish(FinishReason.STOP)
+            if token in rules.stop_visible:
+                self._append(token)
+                self.stop_reason = token
+                return self._finish(FinishReason.STOP)
+        self._append(token)
+        if n_out + 1 >= rules.max_tokens or len(self.tokens) >= rules.max_len:
+            return self._finish(FinishReason.LENGTH)
         return False
 
     def _append(self, token: int) -> None:
@@ -312,6 +354,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         #: Running sequences in admission order (the last one is preempted first).
         self.running: list[Sequence] = []
+        #: Admitted sequences whose prompt KV is being pulled (``remote_kv``), oldest first.
+        self.loading: list[Sequence] = []
         self.num_steps = 0
         #: Sum of the simulated step durations, seconds.
         self.sim_time_s = 0.0
@@ -325,7 +369,7 @@ class Scheduler:
     # -- queries --------------------------------------------------------------------------
     @property
     def num_active(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.loading)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -350,6 +394,8 @@ class Scheduler:
             return False
         if seq.state is SeqState.RUNNING:
             self.running.remove(seq)
+        elif seq.state is SeqState.LOADING:
+            self.loading.remove(seq)
         else:
             self.waiting.remove(seq)
         self._free(seq)
@@ -401,7 +447,9 @@ class Scheduler:
             i += 1
 
         # 2. admissions, FCFS, only when the cache is not under pressure
-        while not preempted and self.waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+        loading = self.loading
+        while (not preempted and self.waiting and budget > 0
+               and len(running) + len(loading) < cfg.max_num_seqs):
             seq = self.waiting[0]
             bs = kv.block_size
             hits = 0
@@ -412,6 +460,10 @@ class Scheduler:
                 hits = kv.match_prefix(seq.seq_hashes[:max_hit])
             hit_hashes = seq.seq_hashes[:hits]
             computed = hits * bs
+            if seq.remote_kv:
+                if not self._admit_loading(seq, hit_hashes):
+                    break
+                continue
             uncomputed = len(seq.tokens) - computed
             n = min(uncomputed, budget)
             if n < uncomputed and not cfg.chunked_prefill:
@@ -474,13 +526,75 @@ class Scheduler:
                 finished.append(seq)
         if finished:
             for seq in finished:
+                if seq.retain_kv:
+                    # A disaggregated prefill: its KV outlives it, pinned for the decode pull.
+                    seq.kv_pin = kv.pin(seq.hashed, seq.n_private)
+                    seq.hashed = []
+                    seq.n_private = 0
                 self._free(seq)
                 seq.state = SeqState.FINISHED
             self.running = [s for s in self.running if s.state is SeqState.RUNNING]
         self._check()
         return finished
 
+    def loaded(self, seq: Sequence, token: int | None) -> bool:
+        """End the KV load of a ``loading`` sequence. With ``token`` (the prefill's first
+        token) the prompt counts as computed (its full blocks are hashed and published) and
+        ``token`` is its first output; with None (the pull failed) only its prefix hits count
+        and it prefills the rest here. It runs from the next step. True when ``token`` alone
+        finished it (its blocks are then freed)."""
+        if seq.state is not SeqState.LOADING:
+            raise ValueError(f"{seq!r} is not loading")
+        self.loading.remove(seq)
+        seq.remote_kv = False  # a later preemption recomputes locally, as vLLM does
+        kv = self.kv
+        if token is None:
+            if seq.cached_tokens is None:
+                seq.cached_tokens = seq.num_computed
+                self.prefix_queries += seq.prompt_len
+                self.prefix_hits += seq.num_computed
+        else:
+            seq.num_computed = seq.prompt_len
+            full = seq.prompt_len // kv.block_size
+            first = len(seq.hashed)
+            if kv.prefix_caching and full > first:
+                seq.ensure_hashes(full)
+                blocks = list(
+                    zip(seq.seq_hashes[first:full], seq.local_hashes[first:full], strict=True)
+                )
+                kv.commit(blocks, seq.hashed[-1] if seq.hashed else None)
+                seq.hashed.extend(seq.seq_hashes[first:full])
+                seq.n_private -= full - first
+            if seq.accept(token):
+                self._free(seq)
+                seq.state = SeqState.FINISHED
+                self._check()
+                return True
+        seq.state = SeqState.RUNNING
+        self.running.append(seq)
+        self._check()
+        return False
+
     # -- internals ------------------------------------------------------------------------
+    def _admit_loading(self, seq: Sequence, hit_hashes: list[int]) -> bool:
+        """Admit a ``remote_kv`` sequence into ``loading`` with blocks for its whole prompt;
+        False, changing nothing, when the cache cannot hold them now."""
+        kv = self.kv
+        hits = len(hit_hashes)
+        need = seq.blocks_for(seq.prompt_len) - hits
+        if need > kv.available() - kv.evictable_among(hit_hashes):
+            return False
+        self.waiting.popleft()
+        kv.acquire(hit_hashes)
+        kv.allocate(need)
+        seq.hashed = list(hit_hashes)
+        seq.n_private = need
+        seq.num_computed = hits * kv.block_size
+        seq.state = SeqState.LOADING
+        self.loading.append(seq)
+        seq.notify()
+        return True
+
     def _free(self, seq: Sequence) -> None:
         if seq.hashed or seq.n_private:
             self.kv.release(seq.hashed, seq.n_private)
@@ -498,8 +612,11 @@ class Scheduler:
     def _check(self) -> None:
         if self.check_invariants:
             self.kv.check_invariants()
-            held = sum(s.n_private for s in self.running)
+            held = sum(s.n_private for s in self.running) + self.kv.pinned_private_blocks
+            held += sum(s.n_private for s in self.loading)
             assert held == self.kv.private_blocks, (held, self.kv.private_blocks)
+            for s in self.loading:
+                assert s.blocks_held == s.blocks_for(s.prompt_len), s
             for s in self.running:
                 assert s.blocks_held >= s.blocks_for(s.num_computed), s
             for s in self.waiting:
