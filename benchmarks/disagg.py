@@ -105,7 +105,7 @@ def plot(results: dict[str, dict[str, Level]], path: str) -> None:
                 ax.plot(values, [(i + 1) / len(values) for i in range(len(values))],
                         label=setup)
     axes[0].set(title="chat streams: inter-token latency", xlabel="ms", ylabel="CDF",
-                xscale="log")
+                xscale="log", xlim=(1, None))  # below 1 ms: chunks that arrived together
     axes[1].set(title="long prompts: time to first token", xlabel="ms", ylabel="CDF")
     for ax in axes:
         ax.grid(alpha=0.3)

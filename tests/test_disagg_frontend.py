@@ -145,6 +145,11 @@ class DecodeEngine(LLMEngine):
 
 
 class DisaggStack(Stack):
+    def __init__(self, **frontend: Any) -> None:
+        super().__init__(**frontend)
+        # The workers' event plane, for kv mode.
+        self.frontend_options.setdefault("events", f"memory://{self.bus}")
+
     async def add(self, engine: LLMEngine, mode: str) -> Worker:
         cfg = WorkerConfig(discovery=f"memory://{self.bus}", events=f"memory://{self.bus}",
                            served_model_name=NAME, model_path=MODEL_DIR, status_port=None,
@@ -382,3 +387,26 @@ async def test_decode_canary_carries_an_empty_prefill_result() -> None:
         await worker.run_canary()
         assert engine.requests and engine.requests[-1].prefill_result is not None
         assert engine.requests[-1].prefill_result.disaggregated_params == {}
+
+
+async def test_kv_mode_sends_a_repeated_prompt_to_the_prefill_worker_that_cached_it() -> None:
+    """The prefill pool is routed KV-aware on the prefill workers' own KV events (two mocker
+    prefill workers, one decode worker, in this process)."""
+    from dynamo_backend_common.engines.mocker import MockerEngine
+
+    fast: dict[str, Any] = {"speedup_ratio": 0.0, "block_size": 4, "vocab_size": 200}
+    async with DisaggStack(router_mode="kv") as st:
+        for _ in range(2):
+            await st.add(MockerEngine(**fast, disaggregation_mode="prefill"), "prefill")
+        await st.add(MockerEngine(**fast, disaggregation_mode="decode"), "decode")
+        router = st.frontend.prefill_router
+        assert router is not None
+        prompt = "Paris is the capital of France and a large city with many museums. " * 4
+        for _ in range(3):
+            r = await st.client().completions.create(model=NAME, prompt=prompt, max_tokens=3)
+            assert r.usage is not None and r.usage.completion_tokens == 3
+            # The next request must find this one's blocks in the prefill router's index.
+            await router.wait_for(lambda: router.events_applied > 0, timeout=10)
+        chosen = {iid for (_, iid), n in router.decisions.items() if n}
+        assert len(chosen) == 1, router.decisions  # round robin would have used both
+        assert router.last is not None and router.last.decision.overlap_blocks > 0
