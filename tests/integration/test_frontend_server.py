@@ -521,3 +521,36 @@ def test_frontend_command_serves_workers_found_through_discovery(tmp_path: Path)
         code = front.stop()
     assert code == 0, front.output()
     assert "shutting down" in front.output()
+
+
+def test_run_starts_a_disaggregated_set() -> None:
+    srv = RunServer("--engine", "mocker", "--prefill-workers", "1", "--decode-workers", "1",
+                    "--", "--speedup-ratio", "0").start()
+    try:
+        out = srv.output()
+        assert "starting 2 workers (1 prefill, 1 decode)" in out, out
+        assert "(prefill, instance" in out and "(decode, instance" in out, out
+        c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0, timeout=30)
+        r = c.chat.completions.create(model=MODEL, max_tokens=5, extra_body={"ignore_eos": True},
+                                      messages=[{"role": "user", "content": PROMPT}])
+        assert r.usage is not None and r.usage.completion_tokens == 5
+        root = srv.url.removesuffix("/v1")
+        health = httpx.get(root + "/health", timeout=5).json()
+        assert sorted(i["worker_type"] for i in health["instances"]) == ["decode", "prefill"]
+        assert health["models"] == {MODEL: 1}  # the prefill worker serves no route itself
+        fm = httpx.get(root + "/metrics", timeout=5).text
+        assert metric(fm, "dynamo_frontend_disagg_requests_total", path="standard") == 1
+        (prefill,) = [i for i in health["instances"] if i["worker_type"] == "prefill"]
+        pm = httpx.get(prefill["status_url"] + "/metrics", timeout=5).text
+        assert metric(pm, "dynamo_mocker_kv_transfers_total", role="prefill",
+                      outcome="completed") == 1
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
+def test_run_refuses_prefill_workers_with_nothing_to_decode() -> None:
+    p = subprocess.run([sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine",
+                        "mocker", "--prefill-workers", "2"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "--prefill-workers needs --decode-workers" in p.stdout

@@ -15,7 +15,8 @@ Routes:
   and disappears with its last); ``GET /v1/models/{id}`` one of them.
 - ``POST /tokenize``, ``POST /detokenize``: vLLM's shapes, with the model's tokenizer.
 - ``GET /health`` (200 ``{"status": "healthy", "models": {name: workers}, "instances": [...]}``
-  with each worker's address and status URL), ``GET /live``,
+  with each worker's address, status URL and ``worker_type``, prefill workers included),
+  ``GET /live``,
   ``GET /metrics`` (Prometheus text; see :mod:`.metrics`).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): bad JSON or an
@@ -423,8 +424,9 @@ class Frontend:
         models = {n: len(e.workers) for n, e in self.models.models.items()}
         instances = [
             {"model": n, "instance_id": f"{w.instance_id:x}", "address": w.address,
-             "status_url": w.info.status_url}
-            for n, e in self.models.models.items() for w in e.workers.values()]
+             "status_url": w.info.status_url, "worker_type": w.card.worker_type}
+            for pool in (self.models, self.models.prefill)
+            for n, e in pool.models.items() for w in e.workers.values()]
         return JSONResponse({"status": "healthy" if self._started else "starting",
                              "models": models, "instances": instances},
                             status_code=200 if self._started else 503)
