@@ -410,3 +410,22 @@ async def test_kv_mode_sends_a_repeated_prompt_to_the_prefill_worker_that_cached
         chosen = {iid for (_, iid), n in router.decisions.items() if n}
         assert len(chosen) == 1, router.decisions  # round robin would have used both
         assert router.last is not None and router.last.decision.overlap_blocks > 0
+
+
+@pytest.mark.parametrize("mode", ["direct", "kv"])
+async def test_a_named_worker_is_the_decode_worker(mode: str) -> None:
+    """Direct routing (the x-worker-instance-id header) picks the decode worker; the prefill
+    pool is routed on its own (round robin in direct mode)."""
+    prefill, decodes = PrefillEngine(), [DecodeEngine(), DecodeEngine()]
+    async with DisaggStack(router_mode=mode) as st:
+        await st.add(prefill, "prefill")
+        workers = [await st.add(d, "decode") for d in decodes]
+        target = workers[1].worker_id
+        assert target is not None
+        client = st.client().with_options(
+            default_headers={"x-worker-instance-id": str(target)})
+        for _ in range(2):
+            r = await client.completions.create(model=NAME, prompt="hi", max_tokens=2)
+            assert r.usage is not None and r.usage.completion_tokens == 2
+        assert len(prefill.requests) == 2
+        assert decodes[0].requests == [] and len(decodes[1].requests) == 2

@@ -320,7 +320,8 @@ class Router:
     ``overlap_weight``, ``temperature`` and ``busy_threshold`` tune the KV cost
     (see :class:`~dynamo_backend_common.router.KvRouterConfig`). ``power_of_two`` and
     ``least_loaded`` count each worker rank's requests in flight across all models
-    (:meth:`inflight`).
+    (:meth:`inflight`). With ``targeted=False`` the worker a request names is ignored (and
+    ``direct`` mode needs a caller that always passes ``target``).
     """
 
     def __init__(
@@ -336,6 +337,7 @@ class Router:
         router_ttl_secs: float = 120.0,
         seed: int | None = None,
         registry: CollectorRegistry | None = None,
+        targeted: bool = True,
     ) -> None:
         key = normalize_router_mode(mode)
         if key == "kv" and kv_events and events is None:
@@ -352,7 +354,9 @@ class Router:
         KvRouterConfig(block_size=1, **self._kv_options)  # bad options fail here, not later
         self._rng = random.Random(seed)
         self.indexer = KvIndexer(on_gap=self._on_gap)
-        self._targeted = key in _TARGETED_MODES
+        # ``targeted=False``: a request's named worker (a header) is not for this router (the
+        # prefill router: the header names the decode worker).
+        self._targeted = targeted and key in _TARGETED_MODES
         self._inflight: dict[WorkerKey, int] = {}  # power_of_two / least_loaded, all models
         # model -> (entry, its worker count, routing key -> worker, the keys): the candidates
         # of a request that excludes no worker, rebuilt when a worker joins or leaves.

@@ -285,12 +285,14 @@ class Frontend:
             router_ttl_secs=cfg.router_ttl_secs, registry=self.metrics.registry)
         await self.router.start()
         # Prefill workers get a router of their own (same mode, same event plane): its policy
-        # state (in-flight counts, KV predictions) is about the prefill pool only.
+        # state (in-flight counts, KV predictions) is about the prefill pool only. A worker the
+        # request names (direct routing) is its decode worker, so this router ignores it, and
+        # in direct mode takes turns.
         self.prefill_router = Router(
-            self.models.prefill, cfg.router_mode, events=self._events,
-            overlap_weight=cfg.kv_overlap_weight, temperature=cfg.router_temperature,
-            busy_threshold=cfg.busy_threshold, kv_events=cfg.kv_events,
-            router_ttl_secs=cfg.router_ttl_secs)
+            self.models.prefill, "round_robin" if mode == "direct" else cfg.router_mode,
+            events=self._events, overlap_weight=cfg.kv_overlap_weight,
+            temperature=cfg.router_temperature, busy_threshold=cfg.busy_threshold,
+            kv_events=cfg.kv_events, router_ttl_secs=cfg.router_ttl_secs, targeted=False)
         await self.prefill_router.start()
         transport = WorkerClient()
         prefill = PrefillRouter(self.models, self.prefill_router, transport,
