@@ -41,10 +41,13 @@ class PrefillEngine(LLMEngine):
     """A prefill role: one token and a handle. ``hold`` (set) blocks before the token;
     ``fail`` raises that error kind instead."""
 
-    def __init__(self, *, bootstrap: bool = False, fail: BackendError | None = None) -> None:
+    def __init__(self, *, bootstrap: bool = False, fail: BackendError | None = None,
+                 params_on_token: bool = False) -> None:
         self.bootstrap = bootstrap
         self.fail = fail
+        self.params_on_token = params_on_token  # as Dynamo's prefill mocker sends them
         self.requests: list[PreprocessedRequest] = []
+        self.ids: list[str] = []
         self.hold: asyncio.Event | None = None
         self.started = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -59,6 +62,7 @@ class PrefillEngine(LLMEngine):
     async def generate(self, request: PreprocessedRequest, ctx: GenerateContext
                        ) -> AsyncIterator[LLMEngineOutput]:
         self.requests.append(request)
+        self.ids.append(ctx.id)
         self.started.set()
         if self.fail is not None:
             raise DynamoError(self.fail, "scripted prefill failure")
@@ -72,11 +76,15 @@ class PrefillEngine(LLMEngine):
                 self.stopped.set()
                 yield LLMEngineOutput.cancelled()
                 return
+        params = {"handle": len(self.requests), "prompt_len": len(request.token_ids)}
+        if self.params_on_token:
+            yield LLMEngineOutput(token_ids=[PREFILL_TOKEN], disaggregated_params=params)
+            yield LLMEngineOutput(token_ids=[], finish_reason=FinishReason.LENGTH,
+                                  completion_usage=usage(len(request.token_ids), 1))
+            return
         yield LLMEngineOutput(
             token_ids=[PREFILL_TOKEN], finish_reason=FinishReason.LENGTH,
-            disaggregated_params={"handle": len(self.requests),
-                                  "prompt_len": len(request.token_ids)},
-            completion_usage=usage(len(request.token_ids), 1))
+            disaggregated_params=params, completion_usage=usage(len(request.token_ids), 1))
 
     async def abort(self, ctx: Context) -> None:
         self.aborted.set()
@@ -92,6 +100,7 @@ class DecodeEngine(LLMEngine):
 
     def __init__(self) -> None:
         self.requests: list[PreprocessedRequest] = []
+        self.ids: list[str] = []
         self.pull: asyncio.Event | None = None
         self.pulling = asyncio.Event()
         self.hang = False
@@ -108,6 +117,7 @@ class DecodeEngine(LLMEngine):
     async def generate(self, request: PreprocessedRequest, ctx: GenerateContext
                        ) -> AsyncIterator[LLMEngineOutput]:
         self.requests.append(request)
+        self.ids.append(ctx.id)
         remote = request.prefill_result is not None or request.bootstrap_info is not None
         if self.pull is not None:
             self.pulling.set()
@@ -214,6 +224,18 @@ async def test_standard_path_prefills_then_decodes_with_the_prefill_result() -> 
                        model=NAME) == 1
 
 
+async def test_params_on_an_earlier_chunk_than_the_terminal_are_taken() -> None:
+    prefill, decode = PrefillEngine(params_on_token=True), DecodeEngine()
+    async with DisaggStack() as st:
+        await st.add(prefill, "prefill")
+        await st.add(decode, "decode")
+        await st.client().completions.create(model=NAME, prompt="hello", max_tokens=3)
+        d = decode.requests[0]
+        assert d.prefill_result is not None
+        assert d.prefill_result.disaggregated_params == {
+            "handle": 1, "prompt_len": len(prefill.requests[0].token_ids)}
+
+
 async def test_prefill_workers_are_a_separate_pool_without_an_openai_surface() -> None:
     prefill, decode = PrefillEngine(), DecodeEngine()
     async with DisaggStack() as st:
@@ -266,6 +288,8 @@ async def test_bootstrap_path_sends_decode_while_prefill_runs() -> None:
         assert (p.bootstrap_info.bootstrap_host, p.bootstrap_info.bootstrap_port) == (
             "127.0.0.1", 7)
         assert d.prefill_result is None and p.stop_conditions.max_tokens == 1
+        # One request id on both hops (Dynamo's mocker names a handoff by it, too).
+        assert prefill.ids[0] == decode.ids[0]
         # A second request gets a fresh room.
         await st.client().completions.create(model=NAME, prompt="again", max_tokens=2)
         rooms = {r.bootstrap_info.bootstrap_room for r in decode.requests if r.bootstrap_info}

@@ -182,11 +182,12 @@ class Deployment:
 
     # -- ours ---------------------------------------------------------------------------------
     def our_worker(self, engine: str, name: str, *extra: str,
-                   model_path: Path = TINY_MODEL) -> Proc:
+                   model_path: Path = TINY_MODEL, env: dict[str, str] | None = None) -> Proc:
+        """One of our workers (``env``: extra environment variables for it alone)."""
         p = self._spawn(f"our-worker-{engine.rsplit(':', 1)[-1]}", [
             sys.executable, "-m", "dynamo_backend_common.cli", "worker", "--engine", engine,
             "--model-path", str(model_path), "--served-model-name", name, *extra],
-            {"DYN_LOG": "info", "PYTHONPATH": str(REPO)})
+            {"DYN_LOG": "info", "PYTHONPATH": str(REPO), **(env or {})})
         p.wait_line("Serving ", START_TIMEOUT)
         # "status server on http://127.0.0.1:PORT (...)": the worker's /metrics
         p.status_url = p.wait_line("status server on ", 5).split(" on ", 1)[1].split()[0]

@@ -8,12 +8,14 @@ worker (with its own :class:`~.routing.Router`, in the frontend's router mode: K
 ``kv`` mode) and takes one of Dynamo's two paths:
 
 - **standard**: the prefill request (the user's request with ``max_tokens`` 1) runs to its
-  terminal chunk; that chunk's ``disaggregated_params`` (opaque: the engine's KV handle) become
-  the decode request's ``prefill_result``, and the decode request is sent after it.
+  terminal chunk; the stream's ``disaggregated_params`` (opaque: the engine's KV handle; on the
+  terminal chunk or, as Dynamo's mocker sends them, on an earlier one) become the decode
+  request's ``prefill_result``, and the decode request is sent after it.
 - **bootstrap**: when the chosen prefill worker's card advertises
   ``runtime_config.disaggregated_endpoint`` (``bootstrap_host``/``bootstrap_port``, from its
   engine's ``EngineConfig``), both requests carry the same :class:`BootstrapInfo` (a fresh
-  random ``bootstrap_room``) and the decode request is sent at once, concurrently with the
+  random ``bootstrap_room`` and, as Dynamo's frontend sends it, a ``handoff_id``: see
+  :class:`HandoffBootstrapInfo`) and the decode request is sent at once, concurrently with the
   prefill, whose stream runs in the background (:class:`PrefillHop`).
 
 The decode hop then goes to a ``decode`` worker of the model (an ``aggregated`` one only when
@@ -52,7 +54,9 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -76,7 +80,7 @@ from .routing import Routed, Router
 
 log = logging.getLogger("dynamo_backend_common.frontend")
 
-__all__ = ["PrefillHop", "PrefillRouter", "Prepared"]
+__all__ = ["HandoffBootstrapInfo", "PrefillHop", "PrefillRouter", "Prepared"]
 
 #: Prefill errors meaning "this prefill worker did not do it": try another one.
 _RETRY = {BackendError.CannotConnect, BackendError.EngineShutdown,
@@ -84,6 +88,17 @@ _RETRY = {BackendError.CannotConnect, BackendError.EngineShutdown,
           BackendError.StreamIncomplete}
 #: How long a finished decode hop waits for its bootstrap prefill stream to end on its own.
 BOOTSTRAP_PREFILL_GRACE_S = 5.0
+
+
+class HandoffBootstrapInfo(BootstrapInfo, kw_only=True):
+    """:class:`BootstrapInfo` as Dynamo 1.6.1's frontend sends it: with ``handoff_id``, a UUID
+    naming the prefill/decode handoff, the same on both hops. Dynamo's mocker refuses a
+    bootstrap request without one ("disaggregated mocker requires a handoff ID"); our workers
+    ignore it. On the msgpack codec (the one Dynamo's workers advertise) it is the UUID's 16
+    bytes, a msgpack bin, as Dynamo's frontend sends it; Dynamo's mocker rejects the canonical
+    string there ("expected a 16 byte array")."""
+
+    handoff_id: bytes | None = None
 
 
 class PrefillHop:
@@ -197,9 +212,11 @@ class PrefillRouter:
             self.count_role(model, worker)
             endpoint = worker.card.runtime_config.disaggregated_endpoint
             if endpoint and endpoint.get("bootstrap_host") and endpoint.get("bootstrap_port"):
-                info = BootstrapInfo(bootstrap_host=str(endpoint["bootstrap_host"]),
-                                     bootstrap_port=int(endpoint["bootstrap_port"]),
-                                     bootstrap_room=self._rng.getrandbits(63))
+                info = HandoffBootstrapInfo(
+                    bootstrap_host=str(endpoint["bootstrap_host"]),
+                    bootstrap_port=int(endpoint["bootstrap_port"]),
+                    bootstrap_room=self._rng.getrandbits(63),
+                    handoff_id=uuid.UUID(int=self._rng.getrandbits(128), version=4).bytes)
                 hop = self._start_bootstrap(model, routed, request, info, ctx)
                 self._count(model, "bootstrap")
                 return Prepared(_decode_request(request, worker.instance_id, bootstrap=info),
@@ -247,8 +264,14 @@ class PrefillRouter:
 
     async def _run_prefill(self, routed: Routed, request: PreprocessedRequest,
                            ctx: Context) -> LLMEngineOutput:
-        """Send the prefill request; its terminal chunk (an error chunk raises)."""
+        """Send the prefill request; its terminal chunk (an error chunk raises), carrying the
+        stream's ``disaggregated_params``.
+
+        An engine may put them on any chunk: ours put them on the terminal one, Dynamo's
+        mocker (1.6.1) on its one token chunk, followed by a terminal without them. The last
+        ones seen win; the terminal's own, when it has them."""
         started = False
+        params: Any = None
         try:
             stream = self.transport.stream(routed.worker.info, to_msgpack(request), ctx,
                                            headers={"x-request-id": ctx.id})
@@ -258,6 +281,8 @@ class PrefillRouter:
                     if not started:
                         started = True
                         self.router.first_token(routed)
+                    if out.disaggregated_params is not None:
+                        params = out.disaggregated_params
                     reason = out.finish_reason
                     if reason is not None:
                         if reason.is_error:
@@ -266,6 +291,8 @@ class PrefillRouter:
                                               f"{reason.message}")
                         if reason == FinishReason.CANCELLED:
                             raise DynamoError(BackendError.Cancelled, "prefill was cancelled")
+                        if out.disaggregated_params is None and params is not None:
+                            out = msgspec.structs.replace(out, disaggregated_params=params)
                         return out
             finally:
                 await stream.aclose()
@@ -276,7 +303,11 @@ class PrefillRouter:
 
     def _start_bootstrap(self, model: str, routed: Routed, request: PreprocessedRequest,
                          info: BootstrapInfo, ctx: Context) -> PrefillHop:
-        child = Context(f"{ctx.id}-prefill")
+        # The user's request id on both hops, as Dynamo's frontend sends them: Dynamo's mocker
+        # names the handoff by (handoff_id, bootstrap_room, request id) and refuses a decode
+        # whose request id differs from its prefill's ("handoff participant identity or
+        # backend mismatch").
+        child = Context(ctx.id)
         ctx.add_stop_callback(lambda _: child.stop_generating())
         sent = msgspec.structs.replace(_prefill_request(request, routed.worker, routed),
                                        bootstrap_info=info)

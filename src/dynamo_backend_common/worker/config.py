@@ -208,14 +208,16 @@ class WorkerConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
         """Build from a namespace produced by a parser that :func:`add_worker_args` set up."""
+        mode = DisaggregationMode.parse(args.disaggregation_mode)
         cfg = cls(
             namespace=args.namespace,
-            component=args.component,
+            component=args.component or (
+                "prefill" if mode is DisaggregationMode.PREFILL else "backend"),
             endpoint=args.endpoint,
             model_path=args.model_path or "",
             served_model_name=args.served_model_name or None,
             endpoint_types=args.endpoint_types,
-            disaggregation_mode=DisaggregationMode.parse(args.disaggregation_mode),
+            disaggregation_mode=mode,
             discovery=resolve_discovery(args.discovery, args.discovery_backend),
             events=resolve_events(args.events, args.event_plane),
             request_plane=args.request_plane,
@@ -325,9 +327,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("worker (env fallback in brackets)")
     g.add_argument("--namespace", default=_env("DYN_NAMESPACE", "dynamo"),
                    help="discovery namespace [DYN_NAMESPACE] (default: %(default)s)")
-    g.add_argument("--component", default=_env("DYN_COMPONENT", "backend"),
-                   help="component name within the namespace [DYN_COMPONENT] "
-                        "(default: %(default)s)")
+    g.add_argument("--component", default=_env("DYN_COMPONENT", "") or None,
+                   help="component name within the namespace [DYN_COMPONENT] (default: "
+                        "backend, or prefill with --disaggregation-mode prefill, as Dynamo's "
+                        "workers register)")
     g.add_argument("--endpoint", default=_env("DYN_ENDPOINT", "generate"),
                    help="serving endpoint name [DYN_ENDPOINT] (default: %(default)s)")
     g.add_argument("--model-path", default=_env("DYN_MODEL_PATH", ""),

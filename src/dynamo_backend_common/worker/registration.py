@@ -106,9 +106,23 @@ def build_model_card(cfg: WorkerConfig, engine_cfg: EngineConfig, worker_id: int
     model_type = " | ".join(names[t] for t in types if t in names) or "Chat | Completions"
     tool_parser, reasoning_parser = cfg.tool_call_parser, cfg.reasoning_parser
     if mode is DisaggregationMode.PREFILL:
-        # No OpenAI surface of its own: output parsing belongs to the decode worker's card.
-        model_type = "Prefill"
+        # No OpenAI surface of its own (frontends tell a prefill worker by ``worker_type``), and
+        # no model type at all, as Dynamo 1.6.1's prefill workers register (``ModelType``
+        # empty, ``""`` on the wire): its frontend keys a worker set by this string too, and
+        # allows one prefill worker set per model, so a prefill pool mixing its workers and
+        # ours must agree on it (with ``"Prefill"`` the model is never served). Output parsing
+        # belongs to the decode worker's card.
+        model_type = ""
         tool_parser = reasoning_parser = None
+    # Which role the model needs besides this one (Dynamo's topology: OR of AND-groups), as
+    # Dynamo 1.6.1's workers write it. Its frontend serves a decode-only model only once a
+    # prefill worker is there, and ``needs`` enters the card checksum: a decode pool mixing
+    # its workers and ours must agree on it.
+    needs: list[list[str]] = []
+    if mode is DisaggregationMode.PREFILL:
+        needs = [[DisaggregationMode.DECODE.value]]
+    elif mode is DisaggregationMode.DECODE:
+        needs = [[DisaggregationMode.PREFILL.value]]
     disagg = None
     if engine_cfg.bootstrap_host is not None and engine_cfg.bootstrap_port is not None:
         disagg = {"bootstrap_host": engine_cfg.bootstrap_host,
@@ -127,6 +141,7 @@ def build_model_card(cfg: WorkerConfig, engine_cfg: EngineConfig, worker_id: int
             context_length=engine_cfg.context_length or 0,
             model_type=model_type,
             worker_type=mode.value,
+            needs=needs,
             # Dynamo requires a block size; 16 (its default) when the engine has no KV cache
             # to report.
             kv_cache_block_size=engine_cfg.kv_cache_block_size or 16,
