@@ -22,8 +22,20 @@ clients never read a byte, holds them for ``--slow-hold`` seconds, and prints th
 and workers' memory growth per slow stream: bounded by the frontend's per-stream backlog (1 MiB)
 plus the kernel's socket buffers, however long the stream.
 
+``--processes 1,2`` (the default) then compares frontend processes where the frontend is the
+bottleneck: for each count N a server ``run --engine echo --frontend-processes N`` with the
+engine at full speed (no delay, so every figure is serving overhead), driven by
+``--procs-concurrency`` streams (default 256) for ``--procs-requests`` requests. Printed per
+N: requests/s, TTFT p50, and CPU ms per request of the frontend processes (all N together) and
+of the workers (the CPU includes the load generator's warm-up of one short request per
+connection); then N's requests/s and CPU per request over the first count's. Those servers
+run ``--procs-rounds`` times each, alternating (medians).
+
 The client shares the machine with the server: on a small machine the figures at high levels
-include the client's own contention. Needs Linux (``/proc``).
+include the client's own contention; a second frontend process can only add throughput where
+there is an idle core for it (on a 2-core VM shared by client, frontend and worker there is
+none, so that comparison shows the cost of the extra process, not its gain). Needs Linux
+(``/proc``).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -103,6 +116,82 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class ProcsRow:
+    processes: int
+    req_s: float
+    ttft_ms: float
+    front_ms: float
+    workers_ms: float
+    errors: int
+
+
+def run_processes(n: int, args: argparse.Namespace) -> ProcsRow:
+    """One ``run --frontend-processes n`` server with the echo engine at full speed: requests/s,
+    TTFT p50, CPU ms per request of the frontend processes and of the workers."""
+    proc, model, url = start_server(args.workers, [], frontend=["--frontend-processes", str(n)])
+    try:
+        kids = _children(proc.pid)
+        fronts = [proc.pid, *(k for k in kids if "frontend.replicas" in _cmdline(k))]
+        workers = [k for k in kids if " worker " in _cmdline(k)]
+        if len(fronts) != n or len(workers) != args.workers:
+            raise SystemExit(f"--frontend-processes {n}: found {len(fronts)} frontend and "
+                             f"{len(workers)} worker processes")
+        conc = args.procs_concurrency
+        run_coroutine(drive(url, model, conc, conc, 16))  # warm-up: every connection
+        f0, w0 = sum(map(_cpu_s, fronts)), sum(map(_cpu_s, workers))
+        lvl = run_coroutine(drive(url, model, conc, max(conc, args.procs_requests),
+                                  args.tokens, prompt=DEFAULT_PROMPT))
+        f1, w1 = sum(map(_cpu_s, fronts)), sum(map(_cpu_s, workers))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    done = max(1, lvl.requests)
+    return ProcsRow(n, lvl.requests / max(lvl.wall_s, 1e-9),
+                    percentile(lvl.ttft, 0.5) * 1e3 if lvl.ttft else float("nan"),
+                    (f1 - f0) * 1e3 / done, (w1 - w0) * 1e3 / done, lvl.errors)
+
+
+def compare_processes(args: argparse.Namespace, counts: list[int]) -> list[ProcsRow]:
+    """:func:`run_processes` for each count, ``--procs-rounds`` times alternating; medians."""
+    runs: dict[int, list[ProcsRow]] = {n: [] for n in counts}
+    for rnd in range(args.procs_rounds):
+        for n in (counts if rnd % 2 == 0 else counts[::-1]):
+            runs[n].append(run_processes(n, args))
+    rows = []
+    for n in counts:
+        rs = runs[n]
+        rows.append(ProcsRow(
+            n, statistics.median(r.req_s for r in rs), statistics.median(r.ttft_ms for r in rs),
+            statistics.median(r.front_ms for r in rs),
+            statistics.median(r.workers_ms for r in rs), sum(r.errors for r in rs)))
+    print(f"frontend processes: echo at full speed, {args.workers} worker(s), "
+          f"{args.procs_concurrency} streams x {args.tokens} tokens, {args.procs_requests} "
+          f"requests, medians of {args.procs_rounds} round(s)")
+    print(f"{'procs':>5} {'req/s':>8} {'TTFT p50':>9} {'CPU/req front':>13} {'workers':>8} "
+          f"{'total':>8} {'req/s x':>7} {'CPU/req x':>9} {'errors':>6}")
+    first = rows[0]
+    for r in rows:
+        total = r.front_ms + r.workers_ms
+        print(f"{r.processes:>5} {r.req_s:>8.1f} {r.ttft_ms:>7.1f}ms {r.front_ms:>10.3f} ms "
+              f"{r.workers_ms:>5.3f} ms {total:>5.3f} ms {r.req_s / first.req_s:>6.2f}x "
+              f"{total / (first.front_ms + first.workers_ms):>8.2f}x {r.errors:>6}", flush=True)
+    print(f"(this machine has {os.cpu_count()} cores for the client, the frontend processes "
+          "and the workers together)")
+    return rows
 
 
 def start(workers: int, delay_ms: float) -> Server:
@@ -200,14 +289,15 @@ def slow_readers(srv: Server, args: argparse.Namespace) -> tuple[float, float]:
             max(0, peak.peak[1] - idle[1]) / n / 1024)
 
 
-def plot(rows: list[Row], path: str, title: str) -> None:
+def plot(rows: list[Row], path: str, title: str, procs: list[ProcsRow] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [r.level.concurrency for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if procs else 2, figsize=(16.5 if procs else 11, 4))
+    a, b = axes[0], axes[1]
     a.plot(xs, [r.cpu_front_us for r in rows], "o-", label="frontend")
     a.plot(xs, [r.cpu_workers_us for r in rows], "o-", label="workers")
     a.set_title("server CPU per output token")
@@ -222,6 +312,20 @@ def plot(rows: list[Row], path: str, title: str) -> None:
         ax.set_xlabel("concurrent streams")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    if procs:
+        c = axes[2]
+        names = [f"{r.processes} process{'es' if r.processes > 1 else ''}" for r in procs]
+        pos = list(range(len(procs)))
+        c.bar([x - 0.2 for x in pos], [r.req_s for r in procs], 0.4, label="requests/s")
+        c.set_ylabel("requests/s")
+        c2 = c.twinx()
+        c2.bar([x + 0.2 for x in pos], [r.front_ms + r.workers_ms for r in procs], 0.4,
+               color="tab:orange", label="server CPU ms/request")
+        c2.set_ylabel("server CPU ms/request")
+        c.set_xticks(pos, names)
+        c.set_title("frontend processes (echo at full speed)")
+        c.legend(loc="lower left")
+        c2.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -237,11 +341,20 @@ def main() -> int:
     p.add_argument("--slow-readers", type=int, default=64)
     p.add_argument("--slow-tokens", type=int, default=20000)
     p.add_argument("--slow-hold", type=float, default=5.0)
+    p.add_argument("--processes", default="1,2",
+                   help="frontend process counts to compare where the frontend is CPU-bound "
+                        "(empty: skip)")
+    p.add_argument("--procs-concurrency", type=int, default=256)
+    p.add_argument("--procs-requests", type=int, default=4096)
+    p.add_argument("--procs-rounds", type=int, default=3)
     p.add_argument("--plot", default=str(Path(__file__).with_name("scale.png")))
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if not levels or min(levels) < 1:
         p.error("--levels takes a comma list of positive integers")
+    counts = [int(x) for x in args.processes.split(",") if x.strip()]
+    if counts and min(counts) < 1:
+        p.error("--processes takes a comma list of positive integers")
 
     srv = start(args.workers, args.delay_ms)
     rows: list[Row] = []
@@ -280,9 +393,10 @@ def main() -> int:
                   f"{front:.0f} KB, workers {workers:.0f} KB", flush=True)
         finally:
             fast.stop()
+    procs = compare_processes(args, counts) if counts else None
     if args.plot and rows:
         plot(rows, args.plot, f"scale: echo engine at {args.delay_ms:g} ms/token, "
-             f"{args.tokens} tokens/stream, {args.workers} worker(s)")
+             f"{args.tokens} tokens/stream, {args.workers} worker(s)", procs)
         print(f"plot saved to {args.plot}")
     return 0
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dynamo_backend_common.fixtures import tiny_model_dir
+from dynamo_backend_common.frontend.byte_pieces import byte_pieces
 from dynamo_backend_common.frontend.openai_types import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -183,6 +184,31 @@ def test_window_stays_small() -> None:
         max_window = max(max_window, len(d._ids))  # the decode window, not the whole stream
     # At most _WINDOW (4) done tokens of left context, plus the pending tail of a character.
     assert len(ids) > 500 and max_window <= 8
+
+
+def test_byte_pieces_of_byte_level_tokenizers_only() -> None:
+    pieces = byte_pieces(TOK)
+    assert pieces is not None and len(pieces) == TOK.get_vocab_size(with_added_tokens=True)
+    assert pieces[IM_END] == b"<|im_end|>"
+    assert byte_pieces(_context_dependent_tokenizer("metaspace")) is None
+    assert byte_pieces(_context_dependent_tokenizer("wordpiece")) is None
+
+
+_BYTE_TOKENS = [i for i, p in enumerate(byte_pieces(TOK) or ()) if len(p) == 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.one_of(st.sampled_from(_BYTE_TOKENS),
+                              st.integers(min_value=0, max_value=1600)), max_size=30),
+       cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=8),
+       skip=st.booleans())
+def test_byte_level_path_equals_decode_on_any_bytes(ids: list[int], cuts: list[int],
+                                                    skip: bool) -> None:
+    # Single byte tokens make split and invalid UTF-8 of every kind; ids past the vocabulary
+    # (1520) decode to nothing.
+    d = IncrementalDetokenizer(TOK, skip_special_tokens=skip)
+    out = "".join(d.add(c) for c in chunked(ids, cuts)) + d.flush()
+    assert out == TOK.decode(ids, skip_special_tokens=skip)
 
 
 # ------------------------------------------------------------------ stops

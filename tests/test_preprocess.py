@@ -9,6 +9,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from dynamo_backend_common.fixtures import tiny_model_dir
 from dynamo_backend_common.frontend.openai_types import (
@@ -21,6 +24,7 @@ from dynamo_backend_common.frontend.openai_types import (
     decode_request,
 )
 from dynamo_backend_common.frontend.preprocess import ChatTemplate, Preprocessor
+from dynamo_backend_common.frontend.prompt_tokens import PieceEncoder
 from dynamo_backend_common.model_dir import ModelDir
 
 BOS = "<|begin_of_text|>"
@@ -474,3 +478,63 @@ def test_decode_completion_prompt_shapes() -> None:
     with pytest.raises(RequestError) as ei:
         decode_request(b'{"model": "m", "prompt": {"a": 1}}', CompletionRequest)
     assert ei.value.param == "prompt"
+
+
+# ------------------------------------------------------------------ PieceEncoder
+
+# Text with added tokens (and pieces of them) anywhere.
+PIECE_TEXT = st.lists(st.sampled_from(list("ab xyz,.!\n\t") + list("éü你好🎉") + [
+    "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>", "<|im", "|>"]),
+    max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(PIECE_TEXT, min_size=1, max_size=4))
+def test_piece_encoder_matches_the_tokenizer(md: ModelDir, texts: list[str]) -> None:
+    enc = PieceEncoder.for_tokenizer(md.tokenizer)
+    assert enc is not None
+    for text in texts * 2:  # the second time from the cache
+        assert enc.encode(text) == md.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_piece_encoder_caches_pieces_between_added_tokens(md: ModelDir) -> None:
+    enc = PieceEncoder.for_tokenizer(md.tokenizer)
+    assert enc is not None
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    first = system + "<|im_start|>user\nHi!<|im_end|>\n"
+    enc.encode(first)
+    hits = enc.hits
+    # The next turn sends the system prompt and the first turn again: only new pieces miss.
+    second = first + "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nMore?<|im_end|>"
+    assert enc.encode(second) == md.tokenizer.encode(second, add_special_tokens=False).ids
+    assert enc.hits - hits >= 3
+    # Handed-out ids are copies: changing them leaves the cache alone.
+    ids = enc.encode(first)
+    ids.clear()
+    assert enc.encode(first) == md.tokenizer.encode(first, add_special_tokens=False).ids
+
+
+def test_piece_encoder_cache_is_bounded(md: ModelDir) -> None:
+    enc = PieceEncoder.for_tokenizer(md.tokenizer, max_chars=100)
+    assert enc is not None
+    for i in range(50):
+        enc.encode(f"<|im_start|>user\nmessage number {i}<|im_end|>")
+    assert enc._chars <= 100
+
+
+def test_piece_encoder_refuses_position_dependent_tokenizers() -> None:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    assert PieceEncoder.for_tokenizer(tok) is None
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens([AddedToken("<sep>", lstrip=True)])
+    assert PieceEncoder.for_tokenizer(tok) is None
+
+
+def test_chat_uses_the_piece_encoder(pre: Preprocessor, md: ModelDir) -> None:
+    assert pre.piece_encoder is not None
+    req = chat(*SYS_USER)
+    out = pre.preprocess_chat(req)
+    assert out.request.token_ids == md.tokenizer.encode(
+        pre.render_chat(req), add_special_tokens=False).ids

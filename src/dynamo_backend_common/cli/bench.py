@@ -228,10 +228,12 @@ def print_progress(lvl: Level, total: int, elapsed: float) -> None:
 async def drive(url: str, model: str, concurrency: int, requests: int, max_tokens: int, *,
                 prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
                 extra_body: dict[str, Any] | None = None, progress: Progress | None = None,
-                progress_interval_s: float = 1.0) -> Level:
+                progress_interval_s: float = 1.0,
+                prompts: Sequence[str] | None = None) -> Level:
     """Run one level against ``url`` (the base URL ending in ``/v1``) and return it.
     ``extra_body`` adds fields to every request (e.g. ``tools``); ``progress`` is called every
-    ``progress_interval_s`` while the level runs, and once at its end."""
+    ``progress_interval_s`` while the level runs, and once at its end. ``prompts`` (instead of
+    ``prompt``): the requests take these user messages in turn."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"bench needs a plain http:// URL ending in /v1, got {url!r}")
@@ -243,14 +245,14 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
         # Warm-up: connections, the tokenizer, the workers.
         warm = _body(model, prompt, 4, extra_body)
         await asyncio.gather(*(_one(c, path, warm, Level(0)) for c in conns))
-        body = _body(model, prompt, max_tokens, extra_body)
+        bodies = [_body(model, p, max_tokens, extra_body) for p in (prompts or [prompt])]
         left = requests
 
         async def loop(conn: _Conn) -> None:
             nonlocal left
             while left > 0:
                 left -= 1
-                await _one(conn, path, body, lvl)
+                await _one(conn, path, bodies[left % len(bodies)], lvl)
 
         t0 = time.perf_counter()
         work = asyncio.gather(*(loop(c) for c in conns))
@@ -277,9 +279,11 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
 
 def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_tokens: int, *,
                prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
-               echo: bool = True, extra_body: dict[str, Any] | None = None) -> list[Level]:
+               echo: bool = True, extra_body: dict[str, Any] | None = None,
+               prompts: Sequence[str] | None = None) -> list[Level]:
     """Run each concurrency level in turn (each with at least as many requests as in flight).
-    With ``echo``: the table on stdout as it goes, progress and the failure reasons on stderr."""
+    With ``echo``: the table on stdout as it goes, progress and the failure reasons on stderr.
+    ``prompts``: see :func:`drive`."""
     if echo:
         print(HEADER, flush=True)
     results = []
@@ -287,7 +291,8 @@ def run_levels(url: str, model: str, levels: Sequence[int], requests: int, max_t
         total = max(requests, c)
         lvl = run_coroutine(drive(url, model, c, total, max_tokens, prompt=prompt,
                                   api_key=api_key, extra_body=extra_body,
-                                  progress=print_progress if echo else None))
+                                  progress=print_progress if echo else None,
+                                  prompts=prompts))
         results.append(lvl)
         if echo:
             print(lvl.row(), flush=True)

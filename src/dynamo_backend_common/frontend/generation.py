@@ -317,11 +317,18 @@ class GenerationResponse(Response):
                 job.see(first)
                 out.write(self._event(first))
             if first is not None and not job.complete:
+                # Per chunk: the renderer's event straight away (``_event`` only adds the
+                # error case), the tally only for a finish (``see`` ignores the rest).
+                stopped = job.ctx.is_stopped
+                event = r.event
+                for_error = self._event
+                write = out.write
                 async for d in deltas:
-                    if job.ctx.is_stopped():
+                    if stopped():
                         return "cancelled"
-                    job.see(d)
-                    out.write(self._event(d))
+                    if d.finish_reason is not None:
+                        job.see(d)
+                    write(event(d) if d.error is None else for_error(d))
                     if out.backlog > _MAX_BACKLOG:
                         await out.drained()
             if not job.complete:
@@ -362,15 +369,20 @@ class _Coalescer:
     with a backlog over :data:`_MAX_BACKLOG` bytes (a slow reader) waits in :meth:`drained`.
     """
 
-    __slots__ = ("_buf", "_closing", "_drained", "_send", "_task", "_wake")
+    # The sender and the producer wake each other with bare futures (cheaper than
+    # ``asyncio.Event``s: one wake-up per burst of events is the cost that matters here).
+    __slots__ = ("_buf", "_closing", "_drained", "_loop", "_send", "_task", "_wake")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self._buf = bytearray()
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        #: The sender's wake-up (while it waits for bytes), the producer's (while it waits
+        #: for the backlog to go out).
+        self._wake: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._closing = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._loop.create_task(self._run())
 
     @property
     def backlog(self) -> int:
@@ -379,28 +391,46 @@ class _Coalescer:
     def write(self, data: bytes) -> None:
         if data:
             self._buf += data
-            self._wake.set()
+            wake = self._wake
+            if wake is not None:
+                self._wake = None
+                if not wake.done():
+                    wake.set_result(None)
 
     async def drained(self) -> None:
-        self._drained.clear()
         if self._buf and not self._task.done():
-            await self._drained.wait()
+            self._drained = self._loop.create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._closing:
-                return
-            data, self._buf = bytes(self._buf), bytearray()
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
-            if not self._buf:
-                self._drained.set()
+        try:
+            while True:
+                if not self._buf and not self._closing:
+                    self._wake = self._loop.create_future()
+                    await self._wake
+                if self._closing:
+                    return
+                data, self._buf = bytes(self._buf), bytearray()
+                await self._send({"type": "http.response.body", "body": data,
+                                  "more_body": True})
+                drained = self._drained
+                if not self._buf and drained is not None and not drained.done():
+                    drained.set_result(None)
+        finally:
+            # A sender that failed (or stopped) must not leave the producer waiting.
+            drained = self._drained
+            if drained is not None and not drained.done():
+                drained.set_result(None)
 
     async def close(self, last: bytes) -> None:
         """Stop the sender; send what is left plus ``last`` as the final body message."""
         self._closing = True
-        self._wake.set()
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
         try:
             await self._task
         finally:

@@ -8,6 +8,7 @@ says so (``stop_matched``), so the caller can cancel the engine stream at once.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer
 from ..model_dir import ModelDir
 from ..protocols.common import CompletionUsage, FinishReason, LLMEngineOutput, PreprocessedRequest
 from ..protocols.common import usage as make_usage
+from .byte_pieces import byte_pieces
 
 __all__ = [
     "PROMPT_CONTEXT_TOKENS",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 _REPLACEMENT: Final = "\ufffd"
+_utf8_decode: Final = codecs.utf_8_decode
 # A UTF-8 character has at most 4 bytes, so it spans at most 4 byte-level tokens.
 _MAX_CHAR_TOKENS: Final = 4
 #: Done tokens the detokenizer window may hold before its start moves up (a decode of the
@@ -69,9 +72,16 @@ class IncrementalDetokenizer:
     context only; its text is never emitted. With ``skip_special_tokens`` the special tokens
     (``special_token_ids``, by default those of the tokenizer) are dropped before decoding,
     which is what ``decode(..., skip_special_tokens=True)`` does.
+
+    Byte-level tokenizers (:func:`.byte_pieces.byte_pieces` knows each token's bytes) take a
+    faster path with the same output: each token's bytes go through an incremental UTF-8
+    decoder (a lookup per token, no ``decode`` call). An incomplete character is held back
+    only until the byte that completes it, or shows it invalid (then it is U+FFFD at once, as
+    ``decode`` has it), so ``max_holdback`` does not apply; it needs no left context.
     """
 
-    __slots__ = ("_ids", "_max_holdback", "_prefix", "_read", "_skip", "_tokenizer")
+    __slots__ = ("_ids", "_max_holdback", "_pieces", "_prefix", "_read", "_skip", "_tail",
+                 "_tokenizer")
 
     def __init__(
         self,
@@ -88,6 +98,11 @@ class IncrementalDetokenizer:
              else find_special_token_ids(tokenizer))
             if skip_special_tokens else ()
         )
+        self._pieces = byte_pieces(tokenizer)
+        # Byte-level path: the bytes of an incomplete character at the end (held back).
+        self._tail = b""
+        if self._pieces is not None:
+            prompt_ids_tail = ()  # byte-level decoding needs no left context
         # The window: ids[:read] were already emitted (left context), ids[read:] are pending.
         self._ids: list[int] = [t for t in prompt_ids_tail if t not in self._skip]
         self._read = len(self._ids)
@@ -102,8 +117,25 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append ``token_ids``; return the text they complete (possibly ``""``)."""
-        ids = self._ids
         skip = self._skip
+        pieces = self._pieces
+        if pieces is not None:
+            try:
+                if len(token_ids) == 1:
+                    t = token_ids[0]
+                    data = b"" if t in skip else pieces[t]
+                else:
+                    data = b"".join([pieces[t] for t in token_ids if t not in skip])
+            except IndexError:  # an id past the vocabulary decodes to nothing, as in decode()
+                data = b"".join([pieces[t] for t in token_ids
+                                 if t not in skip and t < len(pieces)])
+            if self._tail:
+                data = self._tail + data
+            # Decodes up to an incomplete character at the end (invalid bytes: U+FFFD).
+            text, used = _utf8_decode(data, "replace", False)
+            self._tail = data[used:] if used < len(data) else b""
+            return text
+        ids = self._ids
         added = False
         for t in token_ids:
             if t not in skip:
@@ -150,6 +182,9 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Text still held back (an incomplete character at the end of the stream decodes to
         U+FFFD here, as a full decode would)."""
+        if self._pieces is not None:
+            text, self._tail = _utf8_decode(self._tail, "replace", True)[0], b""
+            return text
         ids = self._ids
         if self._read == len(ids):
             return ""
@@ -332,6 +367,8 @@ class StreamPostprocessor:
         self._eos = frozenset(eos_token_ids)
         self._engine_usage: CompletionUsage | None = None
         self._finished = False
+        # No stop strings: a chunk's text needs no matching (the fast path of process()).
+        self._plain = not stop
 
     @classmethod
     def for_request(
@@ -367,12 +404,6 @@ class StreamPostprocessor:
         if out.completion_usage is not None:
             self._engine_usage = out.completion_usage
         fr = out.finish_reason
-        delta = StreamDelta(
-            index=self.index,
-            token_ids=list(ids),
-            log_probs=out.log_probs,
-            top_logprobs=out.top_logprobs,
-        )
         if ids:
             visible = ids
             if fr is not None and fr == FinishReason.EOS and ids[-1] in self._eos:
@@ -380,9 +411,13 @@ class StreamPostprocessor:
             text = self._detok.add(visible)
         else:
             text = out.text or ""
+        if fr is None and self._plain:
+            # Most chunks: no stop strings to match, not the end (the token ids are the
+            # chunk's own list, fresh from the wire, shared rather than copied).
+            return StreamDelta(self.index, text, ids, out.log_probs, out.top_logprobs)
         if fr is not None:
             text += self._detok.flush()
-
+        delta = StreamDelta(self.index, "", ids, out.log_probs, out.top_logprobs)
         if self.completion_tokens >= self._min_tokens:
             text, stopped = self._matcher.feed(text)
         else:

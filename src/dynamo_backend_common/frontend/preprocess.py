@@ -28,6 +28,7 @@ from ..protocols.common import (
     SamplingOptions,
     StopConditions,
 )
+from .byte_pieces import byte_pieces
 from .chat_parsing import ToolChoice, resolve_tool_choice
 from .openai_types import (
     ChatCompletionRequest,
@@ -36,6 +37,7 @@ from .openai_types import (
     ContentPart,
     RequestError,
 )
+from .prompt_tokens import PieceEncoder
 from .request_fields import guided_decoding
 
 __all__ = ["ChatTemplate", "ContentFormat", "Preprocessed", "Preprocessor", "RequestError"]
@@ -287,6 +289,12 @@ class Preprocessor:
         self.max_n = max_n
         self.max_stop = max_stop
         self._vocab_size: int = model_dir.tokenizer.get_vocab_size(with_added_tokens=True)
+        # The detokenizers' byte table (byte-level tokenizers), built here, off the event loop
+        # (a model is loaded in a thread), rather than by the first request.
+        byte_pieces(model_dir.tokenizer)
+        #: Chat prompts are tokenized piece by piece (between added tokens) with a cache of
+        #: the pieces, where that is exact for the tokenizer (``None``: whole prompts).
+        self.piece_encoder = PieceEncoder.for_tokenizer(model_dir.tokenizer)
         self.chat_template: ChatTemplate | None = (
             ChatTemplate(
                 model_dir.chat_template,
@@ -333,7 +341,11 @@ class Preprocessor:
             guided = tool_choice.guided
         prompt = self.render_chat(req)
         # The template writes its own BOS/special tokens, as apply_chat_template(tokenize=True).
-        ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        # Most of a conversation's pieces were sent before (the system prompt, the history):
+        # the piece encoder has their ids.
+        pieces = self.piece_encoder
+        ids: list[int] = (pieces.encode(prompt) if pieces is not None
+                          else self.tokenizer.encode(prompt, add_special_tokens=False).ids)
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )

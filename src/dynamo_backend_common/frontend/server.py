@@ -61,7 +61,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import GUIDED_DECODING_KEY
 from ..model_dir import ModelDir, ModelDirError
-from ..protocols.discovery import ModelDeploymentCard, files_checksum
+from ..protocols.discovery import ModelCard, ModelDeploymentCard, files_checksum
 from ..runtime.context import Context
 from ..runtime.discovery import Discovery, open_discovery
 from ..runtime.events import EventPlane, default_event_url, open_event_plane
@@ -104,6 +104,8 @@ DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 #: Bodies above this are preprocessed (template + tokenizer) in a thread, off the event loop.
 _OFFLOAD_BYTES: Final = 64 * 1024
 _encode = msgspec.json.Encoder().encode
+#: Cards whose model-state key :meth:`Frontend.model_state` remembers (then it starts over).
+_CARD_KEYS_MAX: Final = 256
 
 
 
@@ -221,6 +223,8 @@ class Frontend:
         self.prefill_router: Router | None = None
         self.client: EngineClient | None = None
         self._states: dict[str, asyncio.Task[_ModelState]] = {}
+        #: ``id(card) -> (card, its model-state key)`` (see :meth:`model_state`).
+        self._card_keys: dict[int, tuple[ModelCard, str]] = {}
         self._api_key = (self.config.api_key or "").encode() or None
         self._started = False
         self._hot = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
@@ -334,13 +338,22 @@ class Frontend:
         directory, 500 ``model_load_failed`` when the directory cannot be read here.
         """
         card = entry.card
-        if not card.card_json.files():
-            raise RequestError(
-                f"model {entry.name!r} was registered without model files (worker flag "
-                "--model-path), so this frontend has no tokenizer for it and cannot serve it "
-                "over the OpenAI routes",
-                code="model_not_supported", param="model")
-        key = card.checksum
+        # The card's key, computed once per card object (a request would otherwise list and
+        # sort the card's files for it).
+        known = self._card_keys.get(id(card))
+        if known is not None and known[0] is card:
+            key = known[1]
+        else:
+            if not card.card_json.files():
+                raise RequestError(
+                    f"model {entry.name!r} was registered without model files (worker flag "
+                    "--model-path), so this frontend has no tokenizer for it and cannot serve "
+                    "it over the OpenAI routes",
+                    code="model_not_supported", param="model")
+            key = card.checksum
+            if len(self._card_keys) >= _CARD_KEYS_MAX:
+                self._card_keys.clear()
+            self._card_keys[id(card)] = (card, key)
         task = self._states.get(key)
         if task is None:
             task = self._states[key] = asyncio.get_running_loop().create_task(

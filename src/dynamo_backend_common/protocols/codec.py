@@ -56,10 +56,21 @@ def to_json(obj: Any) -> bytes:
     return _JSON_ENCODER.encode(obj)
 
 
+#: The decoders of the first types decoded, in a plain dict: the per-chunk path (a frontend
+#: decodes an ``LLMEngineOutput`` per token) skips the ``lru_cache`` wrapper.
+_FAST_DECODERS: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+_FAST_DECODERS_MAX = 32
+
+
 def from_msgpack(data: bytes | bytearray | memoryview, typ: type[T]) -> T:
     """Decode msgpack bytes into ``typ``; raises :class:`ProtocolError` on bad input."""
+    dec = _FAST_DECODERS.get(typ)
+    if dec is None:
+        dec = _msgpack_decoder(typ)  # type: ignore[arg-type]
+        if len(_FAST_DECODERS) < _FAST_DECODERS_MAX:
+            _FAST_DECODERS[typ] = dec
     try:
-        return _msgpack_decoder(typ).decode(data)  # type: ignore[no-any-return,arg-type]
+        return dec.decode(data)  # type: ignore[no-any-return]
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"invalid {_name(typ)} (msgpack): {exc}") from None
 

@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from ...errors import BackendError, DynamoError
 from ..context import Context
+from ..gc_tuning import tune_for_serving
 from . import frames as fr
 
 log = logging.getLogger("dynamo_backend_common.transport")
@@ -356,6 +357,7 @@ class RequestPlaneServer:
         """Bind and listen. Raises ``OSError`` if the address cannot be bound."""
         if self._server is not None:
             raise RuntimeError("server already started")
+        tune_for_serving()  # a serving process: fewer cyclic-GC passes (see gc_tuning)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self), self.host, self.port, reuse_address=True
