@@ -33,38 +33,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
+
+from e2e import start_server  # this directory's e2e.py: the same launcher
 
 from dynamo_backend_common.cli.bench import DEFAULT_PROMPT, Level, drive, percentile
 
-_URL_RE = re.compile(r"Serving (\S+) at (http://\S+/v1)")
 MOCKER = ["--speedup-ratio", "1", "--block-size", "16", "--no-enable-prefix-caching"]
-SETUPS = {"aggregated": ["--workers", "2"],
-          "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"]}
-
-
-def start_server(flags: list[str]) -> tuple[subprocess.Popen[str], str, str]:
-    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "mocker",
-            "--port", "0", *flags, "--", *MOCKER]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        m = _URL_RE.search(line)
-        if m:
-            # Keep draining the server's output so it never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()],
-                             daemon=True).start()
-            return proc, m.group(1), m.group(2)
-    raise SystemExit("server did not start:\n" + "\n".join(lines))
+#: Per setup: aggregated workers, and the other ``run`` flags.
+SETUPS = {"aggregated": (2, []),
+          "disaggregated": (0, ["--prefill-workers", "1", "--decode-workers", "1"])}
 
 
 def long_prompt(words: int) -> str:
@@ -133,9 +113,11 @@ def main() -> int:
     print(f"{'setup':<14} {'class':<5} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} "
           f"{'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'errors':>6}   (ms)", flush=True)
     for setup in args.setups.split(","):
-        print(f"# {setup}: run --engine mocker {' '.join(SETUPS[setup])} -- {' '.join(MOCKER)}",
-              file=sys.stderr, flush=True)
-        proc, model, url = start_server(SETUPS[setup])
+        workers, flags = SETUPS[setup]
+        print(f"# {setup}: run --engine mocker --workers {workers} {' '.join(flags)} -- "
+              f"{' '.join(MOCKER)}", file=sys.stderr, flush=True)
+        proc, model, url = start_server(workers, ["--", *MOCKER], frontend=flags,
+                                        engine="mocker")
         try:
             results[setup] = asyncio.run(mixed(url, model, args))
         finally:

@@ -61,8 +61,11 @@ TOOLS = [{"type": "function", "function": {
 
 
 def start_server(workers: int, extra: list[str], plane: str = "tcp",
-                 frontend: list[str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
-    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", "echo",
+                 frontend: list[str] | None = None, engine: str = "echo",
+                 ) -> tuple[subprocess.Popen[str], str, str]:
+    """``dynamo-backend run --engine ENGINE --workers N --port 0 FRONTEND... EXTRA...``;
+    (the process, the served model, the ``/v1`` URL) once it serves."""
+    argv = [sys.executable, "-m", "dynamo_backend_common.cli", "run", "--engine", engine,
             "--workers", str(workers), "--port", "0", *(frontend or []), *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", **_PLANE_ENV[plane]))

@@ -252,28 +252,24 @@ class Sequence:
                     if candidate not in rules.eos_ids:
                         token = candidate
                         break
-        if n_out >= rules.min_tokens:
-            if token in rules.stop_hidden:
-                self.stop_reason = token
-                return self._finish(FinishReason.STOP)
-            if token in rules.stop_visible:
-                self._append(token)
-                self.stop_reason = token
-                return self._finish(FinishReason.STOP)
-        self._append(token)
-        if n_out + 1 >= rules.max_tokens or len(self.tokens) >= rules.max_len:
-            return self._finish(FinishReason.LENGTH)
+        if self._take(token, n_out):
+            return True
         self.notify()
         return False
 
     def accept(self, token: int) -> bool:
         """Take ``token``, sampled elsewhere (a disaggregated prefill's first token), as the
         next output under the same stop rules as :meth:`sample`; True when finished."""
-        rules = self.rules
         n_out = self.num_output
+        if n_out >= self.rules.min_tokens and token in self.rules.eos_ids:
+            return self._finish(FinishReason.EOS)
+        return self._take(token, n_out)
+
+    def _take(self, token: int, n_out: int) -> bool:
+        """Append ``token`` (the ``n_out``-th output) unless a stop token hides it; True
+        (and finished) on a stop token or the length limit."""
+        rules = self.rules
         if n_out >= rules.min_tokens:
-            if token in rules.eos_ids:
-                return self._finish(FinishReason.EOS)
             if token in rules.stop_hidden:
                 self.stop_reason = token
                 return self._finish(FinishReason.STOP)
