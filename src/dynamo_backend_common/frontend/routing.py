@@ -387,6 +387,7 @@ class Router:
         self.last: Routed | None = None
         self._listener: RouteListener | None = None
         self._decisions: Counter | None = None
+        self._children: dict[tuple[str, str, int, int], tuple[Any, Any, Any, Any]] = {}
         self._overlap: Histogram | None = None
         self._overlap_blocks: Counter | None = None
         self._prompt_blocks: Counter | None = None
@@ -512,15 +513,23 @@ class Router:
         worker_id, rank = decision.worker
         self.decisions[(model, worker_id)] += 1
         if self._decisions is not None:
-            wid, rk = f"{worker_id:x}", str(rank)
-            self._decisions.labels(model, policy.name, wid, rk).inc()
-            if decision.prompt_blocks:
+            # The labelled children, looked up once per (model, policy, worker rank): ``labels``
+            # costs more than the increments it leads to.
+            key = (model, policy.name, worker_id, rank)
+            children = self._children.get(key)
+            if children is None:
                 assert self._overlap is not None and self._overlap_blocks is not None
                 assert self._prompt_blocks is not None
-                self._overlap.labels(model).observe(
-                    decision.overlap_blocks / decision.prompt_blocks)
-                self._overlap_blocks.labels(model, wid, rk).inc(decision.overlap_blocks)
-                self._prompt_blocks.labels(model, wid, rk).inc(decision.prompt_blocks)
+                wid, rk = f"{worker_id:x}", str(rank)
+                children = self._children[key] = (
+                    self._decisions.labels(model, policy.name, wid, rk),
+                    self._overlap.labels(model), self._overlap_blocks.labels(model, wid, rk),
+                    self._prompt_blocks.labels(model, wid, rk))
+            children[0].inc()
+            if decision.prompt_blocks:
+                children[1].observe(decision.overlap_blocks / decision.prompt_blocks)
+                children[2].inc(decision.overlap_blocks)
+                children[3].inc(decision.prompt_blocks)
         if log.isEnabledFor(logging.DEBUG):
             costs = ", ".join(f"{k[0]:x}/{k[1]}={v:g}" for k, v in decision.logits.items())
             log.debug("route %s -> worker %x rank %d (%s, overlap %d/%d blocks%s)", model,
