@@ -375,7 +375,7 @@ async def test_zmq_plane_follows_discovery(discovery_url: str) -> None:
         assert await d1.get_prefix(EVENT_CHANNELS_PREFIX) == {}
         await asyncio.wait_for(
             sub_plane._wait_for(lambda: pid not in sub_plane._by_publisher), TIMEOUT)
-        assert sub_plane._address_refs == {} and sub_plane._topic_refs == {}
+        assert sub_plane._followed == {}  # its socket was closed
 
 
 async def test_zmq_plane_unsubscribe_disconnects_unwanted_channels() -> None:
@@ -391,9 +391,13 @@ async def test_zmq_plane_unsubscribe_disconnects_unwanted_channels() -> None:
         await plane.flush()
         await probe(plane, a, KV)
         await probe(plane, b, LOAD)
-        assert plane._topic_refs == {b"kv-events": 1, b"kv_metrics": 1}
+        kv_addr, load_addr = plane.publishers[KV][1], plane.publishers[LOAD][1]
+        kv_sock = plane._followed[kv_addr].sock
+        assert {a: f.topics for a, f in plane._followed.items()} == {
+            kv_addr: {b"kv-events": 1}, load_addr: {b"kv_metrics": 1}}  # a socket per address
         await a.close()
-        assert plane._topic_refs == {b"kv_metrics": 1} and len(plane._address_refs) == 1
+        assert {a: f.topics for a, f in plane._followed.items()} == {load_addr: {b"kv_metrics": 1}}
+        assert kv_sock.closed
         await probe(plane, b, LOAD)
 
 
@@ -494,6 +498,78 @@ async def test_zmq_plane_follows_a_foreign_publisher_and_counts_trouble(
             await asyncio.wait_for(plane._wait_for(lambda: not plane._by_publisher), TIMEOUT)
         finally:
             raw.close()
+
+
+async def _raw_recv(raw: RawPublisher, sub: Subscription, seq: int, payload: bytes) -> int:
+    """Send ``payload`` from ``raw`` until it arrives (skipping anything else); returns the next
+    sequence number."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TIMEOUT
+    while True:
+        raw.send(seq, payload)
+        seq += 1
+        try:
+            while (await asyncio.wait_for(anext(sub), 0.05)).payload != payload:
+                pass
+            return seq
+        except TimeoutError:
+            if loop.time() > deadline:
+                raise AssertionError(f"{payload!r} never arrived") from None
+
+
+async def test_zmq_plane_unfollowing_a_publisher_closes_only_its_own_socket() -> None:
+    """Every followed address has a SUB socket of its own: dropping a channel while a message
+    of it is half read (EVENTS prefetches its first frame) closes that socket, never
+    disconnect()s a pipe of a socket other publishers share (libzmq 4.3 aborts the process
+    then: ``!_more (src/fq.cpp:80)``); the others keep their sockets and keep delivering.
+    Channels announced at one address share its socket, with per-topic refcounts."""
+    async with (
+        open_discovery(f"memory://{bus_name()}") as d,
+        open_event_plane("zmq://", discovery=d) as plane,
+    ):
+        assert isinstance(plane, ZmqEventPlane)
+        a, b = RawPublisher(d, "kv-events"), RawPublisher(d, "kv-events")
+        # A second channel at b's address (another topic, another publisher id).
+        b_load = EventChannel(EventScope("endpoint", EndpointRef(NS, COMP, "generate")),
+                              "kv_metrics", random_publisher_id(), EventTransport.zmq(b.address))
+        b_load_key = channel_key(NS, COMP, "generate", "kv_metrics", b_load.instance_id)
+        try:
+            await a.announce()
+            await b.announce()
+            await d.put(b_load_key, encode_record(b_load))
+            sub = plane.subscribe(f"namespace.{NS}.component.{COMP}.>")
+            await sub.ready()
+            seq_a = await _raw_recv(a, sub, 0, b"a")
+            seq_b = await _raw_recv(b, sub, 0, b"b")
+            fa, fb = plane._followed[a.address], plane._followed[b.address]
+            assert plane._followed == {a.address: fa, b.address: fb} and fa.sock is not fb.sock
+            assert (fa.refs, fa.topics) == (1, {b"kv-events": 1})
+            assert (fb.refs, fb.topics) == (2, {b"kv-events": 1, b"kv_metrics": 1})
+
+            a.send(seq_a, b"half read")
+            assert fa.sock.poll(int(TIMEOUT * 1000)) == zmq.POLLIN  # its first frame prefetched
+            await d.delete(a.key)
+            await asyncio.wait_for(
+                plane._wait_for(lambda: a.address not in plane._followed), TIMEOUT)
+            assert fa.sock.closed and not fb.sock.closed and plane._followed == {b.address: fb}
+            assert a.pid not in plane._by_publisher
+            seq_b = await _raw_recv(b, sub, seq_b, b"b still delivers")
+
+            await d.delete(b_load_key)  # b's socket stays for its other channel
+            await asyncio.wait_for(plane._wait_for(lambda: fb.refs == 1), TIMEOUT)
+            assert plane._followed == {b.address: fb} and fb.topics == {b"kv-events": 1}
+            await _raw_recv(b, sub, seq_b, b"b after its other channel went")
+
+            await a.announce()  # followed again, on a new socket
+            await asyncio.wait_for(
+                plane._wait_for(lambda: a.address in plane._followed), TIMEOUT)
+            assert plane._followed[a.address] is not fa
+            await _raw_recv(a, sub, seq_a + 1, b"a again")
+            assert plane.malformed == 0 and plane.sequence_gaps == 0
+        finally:
+            a.close()
+            b.close()
+    assert fb.sock.closed and plane._followed == {}  # close() closed the rest
 
 
 async def test_zmq_plane_needs_started_discovery() -> None:

@@ -19,23 +19,38 @@ that topic of every endpoint of ``x/y``).
   ``discovery.instance_id`` (dp rank 0), without a recovery target. ``close()`` deletes them.
   HOST is the URL's, else ``$DYN_EVENT_PLANE_HOST``, else 127.0.0.1; a wildcard bind address
   (``0.0.0.0``) is advertised as ``$DYN_EVENT_PLANE_HOST`` (else this host's address).
-- **Subscribing.** One SUB socket per plane watches ``v1/event_channels/``; every ZMQ channel
-  whose subject matches a subscription is connected and its topic SUBSCRIBEd (exact topic
-  bytes); a deleted record disconnects it. Each message is checked (4 frames, version byte,
-  length, envelope agreeing with the frames), attributed by its publisher id to its channel and
-  delivered as ``Message(subject, envelope.payload)``. Malformed messages are dropped, counted
-  in ``malformed`` and logged (rate-limited); messages of publishers not (or no longer) known
-  are dropped and counted in ``unknown_publisher``. A sequence number that is not the last
-  one + 1 counts in ``sequence_gaps`` (messages were lost, e.g. beyond the high-water mark); the
-  payloads carry their own ids (KV events' ``event_id``), which is what the KV router resyncs
-  on.
+- **Subscribing.** The plane watches ``v1/event_channels/``; every ZMQ channel whose subject
+  matches a subscription is followed and its topic SUBSCRIBEd (exact topic bytes); a deleted
+  record, or no subscription wanting it any more, unfollows it. Each message is checked (4
+  frames, version byte, length, envelope agreeing with the frames), attributed by its publisher
+  id to its channel (on that channel's socket) and delivered as ``Message(subject,
+  envelope.payload)``. Malformed messages are dropped, counted in ``malformed`` and logged
+  (rate-limited); messages of publishers not (or no longer) known are dropped and counted in
+  ``unknown_publisher``. A sequence number that is not the last one + 1 counts in
+  ``sequence_gaps`` (messages were lost, e.g. beyond the high-water mark); the payloads carry
+  their own ids (KV events' ``event_id``), which is what the KV router resyncs on.
+- **One SUB socket per followed address.** Each followed channel address has a SUB socket of
+  its own (channels announced at one address share it, with per-topic reference counts),
+  created on the first connect and closed with linger 0 when its last channel goes; no socket
+  is ever ``disconnect()``ed. libzmq 4.3 aborts the whole process (``Assertion failed: !_more
+  (src/fq.cpp:80)``) when a SUB that fair-queues several pipes has begun a multipart message
+  of one (reading ``ZMQ_EVENTS``, as every poll does, prefetches its first frame) and that pipe
+  is terminated before the rest is read. With one SUB for all publishers, dropping a channel
+  whose messages were streaming in or still queued (its worker shut down, or was SIGKILLed and
+  its lease expired; a subscription closed) could abort a frontend and every KV router in it.
+  Now a socket's only pipe ends with the socket, which is never read again.
+- **Receiving** costs no task or future per message, nor per socket: each socket's ``ZMQ_FD``
+  is an ``add_reader`` callback that drains it with non-blocking reads, at most
+  ``_DRAIN_BATCH`` messages before it reschedules itself (``call_soon``) so that one busy
+  publisher cannot starve the loop. The FD is edge-triggered (only a read that found the queue
+  empty re-arms it), so a socket is also drained once right after it connects.
 
 Delivery is at most once. ZMQ's slow joiner applies: a subscription reaches a publisher a
 moment after the SUB connected, and messages published before that are not delivered.
-``Subscription.ready()`` waits until the SUB is connected to every matching channel announced
-when it was called; it cannot see the subscription arrive at the publisher (a test that needs
-certainty publishes a probe until one arrives). Beyond ``hwm`` queued messages per peer, ZMQ
-drops silently (seen as sequence gaps).
+``Subscription.ready()`` waits until a SUB socket is connected to every matching channel
+announced when it was called; it cannot see the subscription arrive at the publisher (a test
+that needs certainty publishes a probe until one arrives). Beyond ``hwm`` queued messages per
+peer, ZMQ drops silently (seen as sequence gaps).
 """
 
 from __future__ import annotations
@@ -47,11 +62,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
-import zmq.asyncio
 
 from ...errors import ProtocolError
 from ..tasks import cancel_and_wait
@@ -127,6 +141,22 @@ class _Publisher:
 
 
 @dataclass(slots=True, eq=False)
+class _Follow:
+    """The SUB socket of one followed address: its only pipe is the one to that publisher."""
+
+    address: str
+    sock: zmq.Socket[bytes]
+    fd: int
+    #: Connected channels (:class:`_Remote`) at this address; the socket closes at 0.
+    refs: int = 0
+    #: SUBSCRIBEd topic -> connected channels of that topic here.
+    topics: dict[bytes, int] = field(default_factory=dict)
+    #: A drain is queued with ``call_soon`` (at most one at a time).
+    scheduled: bool = False
+    closed: bool = False
+
+
+@dataclass(slots=True, eq=False)
 class _Remote:
     """One announced channel (ours or anyone's) this plane knows of."""
 
@@ -135,7 +165,12 @@ class _Remote:
     topic: str
     publisher_id: int
     address: str
-    connected: bool = False
+    #: The socket it is followed on; ``None`` while not connected.
+    follow: _Follow | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.follow is not None
 
     def same_channel(self, other: _Remote) -> bool:
         return (self.subject, self.topic, self.publisher_id, self.address) == (
@@ -148,7 +183,7 @@ class _ZmqSubscription(Subscription):
         self._plane = plane
 
     async def ready(self) -> None:
-        """Wait until the SUB is connected to every matching channel announced right now."""
+        """Wait until every matching channel announced right now is connected."""
         await super().ready()
         await self._plane._wait_connected()
 
@@ -206,12 +241,11 @@ class ZmqEventPlane(EventPlane):
         # Publisher side.
         self._pubs: dict[str, _Publisher] = {}
         # Subscriber side.
-        self._sub: zmq.asyncio.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first subscribe()
         self._tasks: list[asyncio.Task[None]] = []
         self._remotes: dict[str, _Remote] = {}  # discovery key -> channel
         self._by_publisher: dict[int, _Remote] = {}  # connected channels by publisher id
-        self._address_refs: dict[str, int] = {}
-        self._topic_refs: dict[bytes, int] = {}
+        self._followed: dict[str, _Follow] = {}  # address -> its SUB socket
         self._last_seq: dict[int, int] = {}
         self._seen: set[str] = set()  # keys the watcher has processed (put or delete)
         self._watch_ended = False
@@ -330,42 +364,35 @@ class ZmqEventPlane(EventPlane):
     def subscribe(self, subject: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_usable("subscribe")
         sub = _ZmqSubscription(self, subject, max_pending=max_pending)
-        sock = self._sub if self._sub is not None else self._open_sub()
+        if self._loop is None:  # the first one starts following discovery
+            self._loop = asyncio.get_running_loop()
+            self._tasks.append(self._loop.create_task(self._watch(),
+                                                      name="zmq-event-plane-watch"))
         self._index.add(sub)
         self._subs.add(sub)
-        self._reconcile(sock)
+        self._reconcile()
         sub._set_registered()
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         self._index.remove(sub)
         self._subs.discard(sub)
-        if self._sub is not None and not self._closed:
-            self._reconcile(self._sub)
-
-    def _open_sub(self) -> zmq.asyncio.Socket:
-        sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
-        sock.setsockopt(zmq.RCVHWM, self._hwm)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IPV6, 1)  # connect to IPv6 peers too (IPv4 still works)
-        self._sub = sock
-        self._tasks.append(asyncio.create_task(self._watch(sock), name="zmq-event-plane-watch"))
-        self._tasks.append(asyncio.create_task(self._receive(sock), name="zmq-event-plane-recv"))
-        return sock
+        if not self._closed:
+            self._reconcile()
 
     def _wanted(self, remote: _Remote) -> bool:
         return any(s.pattern.matches(remote.subject) for s in self._subs)
 
-    def _reconcile(self, sock: zmq.asyncio.Socket) -> None:
+    def _reconcile(self) -> None:
         """Connect every known channel some subscription wants, disconnect the others."""
         for remote in self._remotes.values():
             want = self._wanted(remote)
             if want and not remote.connected:
-                self._connect(sock, remote)
+                self._connect(remote)
             elif not want and remote.connected:
-                self._disconnect(sock, remote)
+                self._disconnect(remote)
 
-    async def _watch(self, sock: zmq.asyncio.Socket) -> None:
+    async def _watch(self) -> None:
         watch = self.discovery.watch_prefix(EVENT_CHANNELS_PREFIX)
         try:
             async with contextlib.aclosing(watch):
@@ -378,11 +405,11 @@ class ZmqEventPlane(EventPlane):
                         self._remotes[ev.key] = old  # rewritten unchanged: stay connected
                     else:
                         if old is not None and old.connected:
-                            self._disconnect(sock, old)
+                            self._disconnect(old)
                         if remote is not None:
                             self._remotes[ev.key] = remote
                             if self._wanted(remote):
-                                self._connect(sock, remote)
+                                self._connect(remote)
                     self._seen.add(ev.key)
                     self._notify()
         except Exception as exc:
@@ -423,64 +450,113 @@ class ZmqEventPlane(EventPlane):
                 raise RuntimeError("ZmqEventPlane: closed, or its discovery watch ended")
             await self._changed.wait()
 
-    def _connect(self, sock: zmq.asyncio.Socket, remote: _Remote) -> None:
-        refs = self._address_refs.get(remote.address, 0)
-        if refs == 0:  # a second connect to the same address would duplicate every message
-            try:
-                sock.connect(remote.address)
-            except zmq.ZMQError as exc:
-                log.warning("ZMQ event plane: cannot connect to %s (%s): %s", remote.address,
-                            remote.key, exc)
+    def _connect(self, remote: _Remote) -> None:
+        follow = self._followed.get(remote.address)
+        if follow is None:  # one socket per address: a second connect would duplicate messages
+            follow = self._follow(remote)
+            if follow is None:
                 return
-        self._address_refs[remote.address] = refs + 1
         topic = remote.topic.encode()
-        n = self._topic_refs.get(topic, 0)
+        n = follow.topics.get(topic, 0)
         if n == 0:
-            sock.setsockopt(zmq.SUBSCRIBE, topic)
-        self._topic_refs[topic] = n + 1
+            follow.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        follow.topics[topic] = n + 1
+        follow.refs += 1
+        remote.follow = follow
         self._by_publisher[remote.publisher_id] = remote
-        remote.connected = True
         log.debug("ZMQ event plane: following %s on %s (%s)", remote.subject, remote.address,
                   remote.key)
 
-    def _disconnect(self, sock: zmq.asyncio.Socket, remote: _Remote) -> None:
-        remote.connected = False
+    def _follow(self, remote: _Remote) -> _Follow | None:
+        """A new SUB socket connected to ``remote.address``, read by the loop (see the module
+        doc); ``None`` (logged) if it cannot connect."""
+        assert self._loop is not None
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            sock.setsockopt(zmq.RCVHWM, self._hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IPV6, 1)  # connect to IPv6 peers too (IPv4 still works)
+            sock.connect(remote.address)
+            fd = sock.fileno()  # ZMQ_FD
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            log.warning("ZMQ event plane: cannot connect to %s (%s): %s", remote.address,
+                        remote.key, exc)
+            return None
+        follow = _Follow(remote.address, sock, fd)
+        self._loop.add_reader(fd, self._drain, follow)
+        self._followed[remote.address] = follow
+        # The FD signals a change of state, not queued messages: only a read that found the
+        # pipe empty arms it, so read once (connect() may also have taken pending commands).
+        self._schedule_drain(follow)
+        return follow
+
+    def _disconnect(self, remote: _Remote) -> None:
+        follow, remote.follow = remote.follow, None
         if self._by_publisher.get(remote.publisher_id) is remote:
             del self._by_publisher[remote.publisher_id]
             self._last_seq.pop(remote.publisher_id, None)
+        if follow is None:
+            return
+        follow.refs -= 1
+        if follow.refs <= 0:
+            self._unfollow(follow)
+            return
         topic = remote.topic.encode()
-        n = self._topic_refs.pop(topic, 1) - 1
+        n = follow.topics.pop(topic, 1) - 1
         if n > 0:
-            self._topic_refs[topic] = n
+            follow.topics[topic] = n
         else:
             with contextlib.suppress(zmq.ZMQError):
-                sock.setsockopt(zmq.UNSUBSCRIBE, topic)
-        refs = self._address_refs.pop(remote.address, 1) - 1
-        if refs > 0:
-            self._address_refs[remote.address] = refs
-            return
-        with contextlib.suppress(zmq.ZMQError):  # already gone
-            sock.disconnect(remote.address)
+                follow.sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+
+    def _unfollow(self, follow: _Follow) -> None:
+        """Close ``follow``'s socket (linger 0, queued messages dropped): never disconnect()
+        a pipe a message may be half read from (see the module doc)."""
+        follow.closed = True
+        if self._followed.get(follow.address) is follow:
+            del self._followed[follow.address]
+        if self._loop is not None:
+            self._loop.remove_reader(follow.fd)  # before close(): the FD number is reused
+        follow.sock.close(linger=0)
 
     async def _wait_connected(self) -> None:
         keys = set(await self.discovery.get_prefix(EVENT_CHANNELS_PREFIX))
         await self._wait_for(lambda: keys <= self._seen)
 
-    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
-        # Wait asynchronously, then drain what is queued with plain non-blocking reads: one
-        # future per message would cost several times the rest of the work.
-        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        while True:
-            await sock.poll()  # POLLIN
-            for _ in range(_DRAIN_BATCH):  # then yield, so one busy peer cannot starve the loop
-                try:
-                    frames = drain.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_message(frames)
-            await asyncio.sleep(0)
+    def _schedule_drain(self, follow: _Follow) -> None:
+        if not follow.scheduled:
+            follow.scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._drain, follow, True)
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _drain(self, follow: _Follow, scheduled: bool = False) -> None:
+        """Read what ``follow``'s socket has queued (its FD's reader callback): plain
+        non-blocking reads, no future per message, at most ``_DRAIN_BATCH`` before yielding to
+        the loop so that one busy peer cannot starve it."""
+        if scheduled:
+            follow.scheduled = False
+        if follow.closed:
+            return
+        recv = follow.sock.recv_multipart
+        on_message = self._on_message
+        try:
+            for _ in range(_DRAIN_BATCH):
+                on_message(recv(zmq.NOBLOCK), follow)
+        except zmq.Again:
+            return  # the queue is empty, so the FD is armed for the next message
+        except zmq.ZMQError as exc:  # the socket is unusable (context terminated)
+            if not follow.closed:
+                log.error("ZMQ event plane: receiving from %s failed: %s", follow.address, exc)
+                assert self._loop is not None
+                self._loop.remove_reader(follow.fd)  # its FD may stay readable: no busy loop
+            return
+        except BaseException:
+            self._schedule_drain(follow)  # do not strand what is queued behind it
+            raise
+        self._schedule_drain(follow)  # more may be queued, and the FD will not say so
+
+    def _on_message(self, frames: list[bytes], follow: _Follow) -> None:
         try:
             topic, pid, seq, env = decode_frames(frames)
         except ProtocolError as exc:
@@ -489,7 +565,7 @@ class ZmqEventPlane(EventPlane):
                                 "(%d so far): %s", self.malformed, exc)
             return
         remote = self._by_publisher.get(pid)
-        if remote is None or remote.topic != topic:
+        if remote is None or remote.follow is not follow or remote.topic != topic:
             self.unknown_publisher += 1
             return
         last = self._last_seq.get(pid)
@@ -510,9 +586,11 @@ class ZmqEventPlane(EventPlane):
         self._notify()
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
-        if self._sub is not None:
-            self._sub.close(linger=0)
-            self._sub = None
+        for follow in list(self._followed.values()):
+            self._unfollow(follow)
+        for remote in self._remotes.values():
+            remote.follow = None
+        self._by_publisher.clear()
         pubs, self._pubs = list(self._pubs.values()), {}
         for pub in pubs:
             if pub.announce is not None:
