@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py [--levels 1,10,100,1000] [--tokens 64] [--delay-ms 20]
                                [--workers 1] [--slow-readers 64] [--plot benchmarks/scale.png]
+    python benchmarks/scale.py --breakdown 500    # where a stream's memory goes, by site
 
 Starts ``dynamo-backend run --engine echo --workers N --port 0 -- --delay-ms D`` (the echo
 engine paced at D ms per token, so streams overlap as they do on a real engine), then for each
@@ -17,10 +18,10 @@ For every level it prints:
   divided by the streams in flight, for the frontend process and the workers together.
 
 ``--slow-readers K`` then starts a second server without the delay and opens K streams
-(``--slow-tokens`` tokens each) whose
-clients never read a byte, holds them for ``--slow-hold`` seconds, and prints the frontend's
-and workers' memory growth per slow stream: bounded by the frontend's per-stream backlog (1 MiB)
-plus the kernel's socket buffers, however long the stream.
+(``--slow-n`` choices of ``--slow-tokens`` tokens each, by default all the model's context
+leaves: ~3.5 MB of SSE per stream with the test model) whose clients read the status line and
+then nothing more (a 4 KiB receive buffer, set before connecting), holds them for
+``--slow-hold`` seconds, and prints the frontend's and workers' memory growth per slow stream.
 
 ``--processes 1,2`` (the default) then compares frontend processes where the frontend is the
 bottleneck: for each count N a server ``run --engine echo --frontend-processes N`` with the
@@ -30,6 +31,20 @@ N: requests/s, TTFT p50, and CPU ms per request of the frontend processes (all N
 of the workers (the CPU includes the load generator's warm-up of one short request per
 connection); then N's requests/s and CPU per request over the first count's. Those servers
 run ``--procs-rounds`` times each, alternating (medians).
+
+``--breakdown N`` measures instead where that memory goes: it starts the server (echo at
+``--breakdown-delay-ms``, default 1000: open, nearly idle streams) with ``tracemalloc`` on
+in the frontend and worker processes, opens N streaming requests that stay open
+(``--breakdown-tokens`` tokens each; the client reads them), snapshots every process, opens
+N more and snapshots again, and prints each process's growth per stream (what tracemalloc
+traces: Python's allocators, not the kernel's socket buffers; the resident set under
+tracemalloc is no guide, as its own bookkeeping is several times the traced memory) and its
+top allocation sites per stream, with the innermost frame of this package (or of uvicorn)
+that led to each. The difference of the two snapshots is N streams exactly, none starting or
+ending, so these are per-stream costs at steady state; ``--levels`` figures are peaks of
+whole levels (the streams' start and end too). The snapshots are taken by a
+``sitecustomize`` module this script writes to a temporary directory on the server's
+``PYTHONPATH`` (``SIGUSR1`` dumps one).
 
 The client shares the machine with the server: on a small machine the figures at high levels
 include the client's own contention; a second frontend process can only add throughput where
@@ -41,6 +56,7 @@ none, so that comparison shows the cost of the extra process, not its gain). Nee
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -48,8 +64,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import tracemalloc
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,12 +282,25 @@ def run_level(srv: Server, conc: int, args: argparse.Namespace,
                max(0, peak.peak[1] - idle[1]) / conc / 1024)
 
 
-def slow_readers(srv: Server, args: argparse.Namespace) -> tuple[float, float]:
-    """Memory growth per never-reading stream (frontend, workers), in KiB. ``srv`` should
-    generate at full speed, so the streams back up as fast as they can."""
+def _token_budget(srv: Server) -> int:
+    """The tokens the model's context leaves after the benchmark prompt (``POST /tokenize``)."""
+    base = srv.url.rsplit("/v1", 1)[0]
+    body = json.dumps({"model": srv.model,
+                       "messages": [{"role": "user", "content": DEFAULT_PROMPT}]}).encode()
+    req = urllib.request.Request(base + "/tokenize", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        info = json.load(r)
+    return int(info["max_model_len"]) - int(info["count"])
+
+
+def slow_readers(srv: Server, args: argparse.Namespace) -> tuple[float, float, int]:
+    """Memory growth per never-reading stream (frontend, workers), in KiB, and the tokens per
+    choice asked. ``srv`` should generate at full speed, so the streams back up as fast as
+    they can."""
     host, port = srv.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    body = json.dumps({"model": srv.model, "max_tokens": args.slow_tokens, "stream": True,
-                       "ignore_eos": True,
+    tokens = args.slow_tokens or _token_budget(srv)
+    body = json.dumps({"model": srv.model, "max_tokens": tokens, "n": args.slow_n,
+                       "stream": True, "ignore_eos": True,
                        "messages": [{"role": "user", "content": DEFAULT_PROMPT}]}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -277,16 +309,154 @@ def slow_readers(srv: Server, args: argparse.Namespace) -> tuple[float, float]:
     socks = []
     with PeakRss(srv) as peak:
         for _ in range(args.slow_readers):
-            s = socket.create_connection((host, int(port)))
+            s = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+            # Before connecting, so the window the client advertises stays this small.
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host.strip("[]"), int(port)))
             s.sendall(request)
             socks.append(s)
+        for s in socks:
+            # The status line only (the request must have been accepted); the body stays unread.
+            status = s.recv(12)
+            if status != b"HTTP/1.1 200":
+                raise SystemExit(f"--slow-readers: the request was refused: {status!r} "
+                                 f"{s.recv(600)!r}")
         time.sleep(args.slow_hold)  # the measurement window: the streams back up meanwhile
     for s in socks:
         s.close()
     n = max(1, len(socks))
     return (max(0, peak.peak[0] - idle[0]) / n / 1024,
-            max(0, peak.peak[1] - idle[1]) / n / 1024)
+            max(0, peak.peak[1] - idle[1]) / n / 1024, tokens)
+
+
+# The server processes' side of --breakdown: tracemalloc from the start, SIGUSR1 dumps a
+# snapshot (after a full collection) to DIR/<pid>-<n>.snap and then writes DIR/<pid>-<n>.done.
+_SITECUSTOMIZE = """
+import os
+_dir = os.environ.get("DYN_SCALE_TRACEMALLOC")
+if _dir:
+    import gc, signal, tracemalloc
+    tracemalloc.start(32)
+    _count = [0]
+
+    def _dump(*_):
+        gc.collect()
+        _count[0] += 1
+        path = f"{_dir}/{os.getpid()}-{_count[0]}"
+        tracemalloc.take_snapshot().dump(path + ".snap")
+        open(path + ".done", "w").close()
+
+    signal.signal(signal.SIGUSR1, _dump)
+"""
+
+
+def _site(tb: tracemalloc.Traceback) -> str:
+    """An allocation site: its innermost frame, and the innermost one of this package or of
+    uvicorn that led to it when that is another."""
+    def name(f: tracemalloc.Frame) -> str:
+        path = f.filename
+        for marker in ("dynamo_backend_common/", "site-packages/", "python3."):
+            if marker in path:
+                path = path.split(marker, 1)[1]
+                if marker == "python3.":
+                    path = path.split("/", 1)[-1]
+                break
+        return f"{path}:{f.lineno}"
+
+    frames = list(tb)  # oldest first
+    inner = name(frames[-1])
+    for f in reversed(frames):
+        if "dynamo_backend_common/" in f.filename or "/uvicorn/" in f.filename:
+            ours = name(f)
+            return inner if ours == inner else f"{inner} <- {ours}"
+    return inner
+
+
+def breakdown(args: argparse.Namespace) -> None:
+    """``--breakdown N``: per-stream memory of N more open streams, by allocation site."""
+    n = args.breakdown
+    with tempfile.TemporaryDirectory(prefix="scale-tm-") as tmp:
+        Path(tmp, "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        saved = dict(os.environ)
+        os.environ["DYN_SCALE_TRACEMALLOC"] = tmp
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (tmp, saved.get("PYTHONPATH")) if p)
+        try:
+            srv = start(args.workers, args.breakdown_delay_ms)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        pids = [srv.proc.pid, *srv.workers]
+        host, port = srv.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        body = json.dumps({"model": srv.model, "max_tokens": args.breakdown_tokens,
+                           "stream": True, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": DEFAULT_PROMPT}]}).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                   ).encode() + body
+
+        async def reader(started: list[int]) -> None:
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(request)
+            first = await r.read(65536)
+            if not first.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"--breakdown: the request failed: {first[:300]!r}")
+            started[0] += 1
+            while await r.read(65536):
+                pass
+
+        def snapshot(k: int) -> None:
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR1)
+            while not all(os.path.exists(f"{tmp}/{pid}-{k}.done") for pid in pids):
+                time.sleep(0.1)
+
+        async def drive_open() -> None:
+            started = [0]
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                for k in (1, 2):
+                    while len(tasks) < k * n:
+                        tasks.append(asyncio.create_task(reader(started)))
+                        if len(tasks) % 50 == 0:
+                            await asyncio.sleep(0.05)  # a steady ramp, not one burst
+                    while started[0] < k * n:
+                        if any(t.done() for t in tasks):
+                            for t in tasks:
+                                if t.done():
+                                    t.result()  # the failure, if any
+                            raise SystemExit("--breakdown: a stream ended early")
+                        await asyncio.sleep(0.1)
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(snapshot, k)  # the streams keep being read
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            run_coroutine(drive_open())
+        finally:
+            srv.stop()
+        print(f"breakdown: {n} -> {2 * n} open streams (echo at {args.breakdown_delay_ms:g} "
+              f"ms/token, {args.breakdown_tokens} tokens each, read as they come); growth per "
+              "stream between the two snapshots:")
+        drop = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        for i, pid in enumerate(pids):
+            a = tracemalloc.Snapshot.load(f"{tmp}/{pid}-1.snap").filter_traces(drop)
+            b = tracemalloc.Snapshot.load(f"{tmp}/{pid}-2.snap").filter_traces(drop)
+            stats = b.compare_to(a, "traceback")
+            traced = sum(st.size_diff for st in stats) / n / 1024
+            what = "frontend" if i == 0 else f"worker {i}"
+            print(f"{what} (pid {pid}): {traced:.1f} KB per stream")
+            sites: dict[str, list[float]] = {}
+            for st in stats:
+                acc = sites.setdefault(_site(st.traceback), [0.0, 0.0])
+                acc[0] += st.size_diff / n
+                acc[1] += st.count_diff / n
+            top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:args.breakdown_top]
+            for where, (size, count) in top:
+                print(f"  {size:7.0f} B {count:6.2f} blocks  {where}")
 
 
 def plot(rows: list[Row], path: str, title: str, procs: list[ProcsRow] | None = None) -> None:
@@ -339,7 +509,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="streams per slot and level")
     p.add_argument("--slow-readers", type=int, default=64)
-    p.add_argument("--slow-tokens", type=int, default=20000)
+    p.add_argument("--slow-tokens", type=int, default=0,
+                   help="tokens per choice of a slow reader's stream (0: all the model's "
+                        "context leaves)")
+    p.add_argument("--slow-n", type=int, default=8, help="choices per slow reader's stream")
     p.add_argument("--slow-hold", type=float, default=5.0)
     p.add_argument("--processes", default="1,2",
                    help="frontend process counts to compare where the frontend is CPU-bound "
@@ -348,7 +521,17 @@ def main() -> int:
     p.add_argument("--procs-requests", type=int, default=4096)
     p.add_argument("--procs-rounds", type=int, default=3)
     p.add_argument("--plot", default=str(Path(__file__).with_name("scale.png")))
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="only: where the memory of N more open streams goes (tracemalloc "
+                        "in the server, by allocation site); see the module doc")
+    p.add_argument("--breakdown-delay-ms", type=float, default=1000.0)
+    p.add_argument("--breakdown-tokens", type=int, default=1024)
+    p.add_argument("--breakdown-top", type=int, default=25,
+                   help="allocation sites printed per process")
     args = p.parse_args()
+    if args.breakdown:
+        breakdown(args)
+        return 0
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if not levels or min(levels) < 1:
         p.error("--levels takes a comma list of positive integers")
@@ -387,10 +570,10 @@ def main() -> int:
         fast = start(args.workers, 0.0)  # the engine at full speed: streams back up at once
         try:
             run_coroutine(drive(fast.url, fast.model, 2, 4, 8))  # warm-up
-            front, workers = slow_readers(fast, args)
-            print(f"slow readers: {args.slow_readers} streams of {args.slow_tokens} tokens "
-                  f"never read for {args.slow_hold:g}s: memory growth per stream frontend "
-                  f"{front:.0f} KB, workers {workers:.0f} KB", flush=True)
+            front, workers, tokens = slow_readers(fast, args)
+            print(f"slow readers: {args.slow_readers} streams of {args.slow_n} x {tokens} "
+                  f"tokens never read for {args.slow_hold:g}s: memory growth per stream "
+                  f"frontend {front:.0f} KB, workers {workers:.0f} KB", flush=True)
         finally:
             fast.stop()
     procs = compare_processes(args, counts) if counts else None

@@ -9,6 +9,7 @@ says so (``stop_matched``), so the caller can cancel the engine stream at once.
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -319,6 +320,12 @@ class StreamDelta:
         return self.finish_reason is not None
 
 
+@functools.lru_cache(maxsize=64)
+def _eos_set(ids: tuple[int, ...]) -> frozenset[int]:
+    """One shared set per distinct list of eos ids (every request of a model has the same)."""
+    return frozenset(ids)
+
+
 class StreamPostprocessor:
     """Per-choice post-processing of an engine stream: detokenize, match stop strings, count
     tokens, translate the finish reason.
@@ -338,6 +345,9 @@ class StreamPostprocessor:
       string (the engine generated them). When the engine ends the stream itself and reports
       ``completion_usage``, its completion count and details are used instead.
     """
+
+    __slots__ = ("_detok", "_engine_usage", "_eos", "_finished", "_matcher", "_min_tokens",
+                 "_plain", "completion_tokens", "index", "prompt_tokens")
 
     def __init__(
         self,
@@ -364,7 +374,7 @@ class StreamPostprocessor:
         )
         self._matcher = StopStringMatcher(stop or (), include_stop_str_in_output)
         self._min_tokens = min_tokens
-        self._eos = frozenset(eos_token_ids)
+        self._eos = _eos_set(tuple(eos_token_ids))
         self._engine_usage: CompletionUsage | None = None
         self._finished = False
         # No stop strings: a chunk's text needs no matching (the fast path of process()).

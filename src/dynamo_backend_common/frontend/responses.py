@@ -76,6 +76,11 @@ def _top(tokenizer: Tokenizer, entries: list[dict[str, Any]]) -> list[TopLogprob
 
 
 class _Base:
+    # One renderer lives per request in flight: slots, and what only a unary response needs
+    # (the accumulated text, the finish reasons) made at its first use, never for a stream.
+    __slots__ = ("_chunk_usage", "_finish_reasons", "_splits", "_text_parts", "created",
+                 "include_usage", "logprobs", "model", "n", "rid", "tokenizer")
+
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool,
                  tokenizer: Tokenizer, logprobs: bool, n: int) -> None:
         self.rid = rid
@@ -86,11 +91,27 @@ class _Base:
         self.logprobs = logprobs
         self.n = n
         self._chunk_usage: Any = None if include_usage else UNSET
-        #: Per choice index: accumulated text (unary responses) and finish reason.
-        self.text_parts: list[list[str]] = [[] for _ in range(n)]
-        self.finish_reasons: list[str | None] = [None] * n
+        self._text_parts: list[list[str]] | None = None
+        self._finish_reasons: list[str | None] | None = None
         # Per choice index: the encoded per-token event split around its text.
-        self._splits: dict[int, tuple[bytes, bytes]] = {}
+        self._splits: list[tuple[bytes, bytes] | None] = [None] * n
+
+    @property
+    def text_parts(self) -> list[list[str]]:
+        """Per choice index: the accumulated text (unary responses)."""
+        if self._text_parts is None:
+            self._text_parts = self._first_parts()
+        return self._text_parts
+
+    def _first_parts(self) -> list[list[str]]:
+        return [[] for _ in range(self.n)]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """Per choice index: the finish reason (unary responses)."""
+        if self._finish_reasons is None:
+            self._finish_reasons = [None] * self.n
+        return self._finish_reasons
 
 
 def _tool_call_item(call: ToolCall) -> ToolCallItem:
@@ -107,15 +128,37 @@ class ChatRenderer(_Base):
     a fresh ``call_`` id. Without parsers the text is ``content`` as is (the fast path).
     """
 
+    __slots__ = ("_calls_acc", "_lp_acc", "_reasoning_acc", "parsers")
+
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
                  tokenizer: Tokenizer, logprobs: bool = False, n: int = 1,
                  parsers: list[ChoiceParser] | None = None) -> None:
         super().__init__(rid, created, model, include_usage=include_usage,
                          tokenizer=tokenizer, logprobs=logprobs, n=n)
-        self._lp: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
         self.parsers = parsers
-        self._reasoning: list[list[str]] = [[] for _ in range(n)]
-        self._calls: list[list[ToolCallItem]] = [[] for _ in range(n)]
+        # Per choice index, made at first use: log probabilities and reasoning (unary
+        # responses), tool calls (also streams, to number them).
+        self._lp_acc: list[list[ChatTokenLogprob]] | None = None
+        self._reasoning_acc: list[list[str]] | None = None
+        self._calls_acc: list[list[ToolCallItem]] | None = None
+
+    @property
+    def _lp(self) -> list[list[ChatTokenLogprob]]:
+        if self._lp_acc is None:
+            self._lp_acc = [[] for _ in range(self.n)]
+        return self._lp_acc
+
+    @property
+    def _reasoning(self) -> list[list[str]]:
+        if self._reasoning_acc is None:
+            self._reasoning_acc = [[] for _ in range(self.n)]
+        return self._reasoning_acc
+
+    @property
+    def _calls(self) -> list[list[ToolCallItem]]:
+        if self._calls_acc is None:
+            self._calls_acc = [[] for _ in range(self.n)]
+        return self._calls_acc
 
     def _parse(self, d: StreamDelta) -> Parsed | str:
         """The delta through its choice's parser: a ``str`` when it is plain content."""
@@ -175,7 +218,7 @@ class ChatRenderer(_Base):
     def _text_event(self, text: str, index: int) -> bytes:
         # The per-token event: everything but the text is the same for the whole stream, so it
         # is encoded once and the text spliced in (JSON escaping keeps the split unambiguous).
-        split = self._splits.get(index)
+        split = self._splits[index]
         if split is None:
             tmpl = self._chunk([ChunkChoice(index=index, delta=ChatDelta(content=""))])
             i = tmpl.index(b'"content":""') + len(b'"content":')
@@ -267,6 +310,8 @@ class CompletionRenderer(_Base):
     """``text_completion`` bodies for ``n`` choices; ``echo_text`` (the prompt) starts each
     choice when set."""
 
+    __slots__ = ("_lp", "_offsets", "echo_text")
+
     def __init__(self, rid: str, created: int, model: str, *, include_usage: bool = False,
                  tokenizer: Tokenizer, logprobs: bool = False,
                  echo_text: str | None = None, n: int = 1) -> None:
@@ -275,14 +320,14 @@ class CompletionRenderer(_Base):
         self.echo_text = echo_text
         self._lp = [CompletionLogprobs() for _ in range(n)] if logprobs else None
         self._offsets = [len(echo_text) if echo_text else 0] * n
-        if echo_text:
-            for parts in self.text_parts:
-                parts.append(echo_text)
+
+    def _first_parts(self) -> list[list[str]]:
+        return [[self.echo_text] if self.echo_text else [] for _ in range(self.n)]
 
     def _chunk(self, index: int, text: str, finish: str | None,
                lp: CompletionLogprobs | None) -> bytes:
         if finish is None and lp is None and text:
-            split = self._splits.get(index)
+            split = self._splits[index]
             if split is None:  # see ChatRenderer._text_event
                 tmpl = sse(CompletionChunk(
                     id=self.rid, created=self.created, model=self.model,

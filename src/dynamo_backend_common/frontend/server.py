@@ -46,7 +46,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -228,6 +228,9 @@ class Frontend:
         self._api_key = (self.config.api_key or "").encode() or None
         self._started = False
         self._hot = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
+        # Bound once: every response keeps these two for its whole stream.
+        self._deltas = self.deltas
+        self._finished = self.finished
         self._direct = (DirectRoutingMiddleware(self._dispatch)
                         if normalize_router_mode(self.config.router_mode) in ("direct", "kv")
                         else None)
@@ -247,16 +250,17 @@ class Frontend:
                                 Exception: self._unhandled},
         )
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def app(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The ASGI app. The two generation routes skip Starlette's routing and middleware
         (measurably cheaper per request); everything else goes through Starlette. In the
         router modes that honour a target (``direct``, ``kv``) the direct-routing headers
         (``x-worker-instance-id``, ``x-dp-rank``) are read first
-        (:class:`~.routing.DirectRoutingMiddleware`)."""
+        (:class:`~.routing.DirectRoutingMiddleware`). It returns the awaitable of the handler
+        it picks rather than awaiting it: no coroutine frame of its own for the whole of
+        every stream."""
         if self._direct is not None:
-            await self._direct(scope, receive, send)
-        else:
-            await self._dispatch(scope, receive, send)
+            return self._direct(scope, receive, send)
+        return self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -267,6 +271,7 @@ class Frontend:
                     response = await handler(request)
                 except Exception as exc:
                     response = await self._unhandled(request, exc)
+                del request  # not kept (with its parsed headers) for the whole stream
                 await response(scope, receive, send)
                 return
         await self._starlette(scope, receive, send)
@@ -604,7 +609,7 @@ class Frontend:
         if req.timeout is not None:
             timeout = req.timeout if timeout is None else min(timeout, req.timeout)
         job.timeout = timeout
-        return GenerationResponse(job, self.deltas, self.finished)
+        return GenerationResponse(job, self._deltas, self._finished)
 
     def _check_guided(self, entry: ModelEntry, pre: Preprocessed,
                       req: ChatCompletionRequest | CompletionRequest) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import cast
 
@@ -39,14 +38,29 @@ log = logging.getLogger("dynamo_backend_common.transport")
 
 
 class _Stream:
-    """Receive side of one stream: items in arrival order, then one terminal outcome."""
+    """One stream's client side: the items received, in arrival order, then one terminal
+    outcome; and its context's stop callback (:meth:`on_stop`).
 
-    __slots__ = ("items", "kill_watch", "terminal", "waiter")
+    One of these lives per request in flight, so it is kept small (an empty deque alone is
+    ~600 bytes) and allocates nothing per item in the common case: the next
+    item waits in ``item``, and only items arriving while one already waits go to a list,
+    ``more``, which the consumer takes whole. The order is arrival order: an item goes to
+    ``item`` only when nothing waits at all, and the consumer empties ``item`` before ``more``
+    and a taken ``more`` before looking at ``item`` again. The stop callback is a method
+    rather than closures over the stream.
+    """
 
-    def __init__(self) -> None:
-        self.items: deque[bytes] = deque()
+    __slots__ = ("conn", "discarded", "item", "kill_watch", "more", "sid", "terminal", "waiter")
+
+    def __init__(self, conn: _Connection, sid: int) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.item: bytes | None = None
+        self.more: list[bytes] | None = None
         # None while open; True after END; a DynamoError after ERROR / loss / kill.
         self.terminal: bool | DynamoError | None = None
+        #: Set by a kill: the items not yet yielded (also those the consumer took) are dropped.
+        self.discarded = False
         self.waiter: asyncio.Future[None] | None = None
         self.kill_watch: asyncio.Task[None] | None = None
 
@@ -61,8 +75,31 @@ class _Stream:
         if self.terminal is None:
             self.terminal = exc
             if discard_items:
-                self.items.clear()
+                self.discarded = True
+                self.item = self.more = None
         self.wake()
+
+    def on_stop(self, ctx: Context) -> None:
+        """The context's stop callback: STOP to the server; a kill drops the stream too."""
+        if self.terminal is not None:
+            return
+        if ctx.is_killed():
+            self.kill()
+            return
+        self.conn.write_frame(fr.STOP, self.sid)
+        # A kill may still follow the stop; only this rare path pays for a watcher task,
+        # which the stream owns and cancels when it ends.
+        self.kill_watch = asyncio.get_running_loop().create_task(self._watch_kill(ctx))
+
+    def kill(self) -> None:
+        if self.terminal is None:
+            self.conn.write_frame(fr.KILL, self.sid)
+            self.conn.streams.pop(self.sid, None)
+            self.fail(DynamoError(BackendError.Cancelled, "request killed"), discard_items=True)
+
+    async def _watch_kill(self, ctx: Context) -> None:
+        await ctx.killed()
+        self.kill()
 
 
 class _Connection(asyncio.Protocol):
@@ -97,7 +134,12 @@ class _Connection(asyncio.Protocol):
             st = streams.get(sid)
             if kind == fr.DATA:
                 if st is not None:
-                    st.items.append(payload)
+                    if st.item is None and st.more is None:
+                        st.item = payload
+                    elif st.more is None:
+                        st.more = [payload]
+                    else:
+                        st.more.append(payload)
                     if st.waiter is not None:
                         st.wake()
             elif kind == fr.END:
@@ -133,8 +175,8 @@ class _Connection(asyncio.Protocol):
         """Register a new stream and queue its REQUEST frame (an encoded envelope)."""
         sid = self._next_id
         self._next_id = sid + 1
-        st = self.streams[sid] = _Stream()
-        self.write_frame(fr.REQUEST, sid, envelope)
+        st = self.streams[sid] = _Stream(self, sid)
+        self.write_frame(fr.REQUEST, sid, envelope)  # copied: the caller may drop it
         return sid, st
 
     def write_frame(self, kind: int, sid: int, payload: bytes = b"") -> None:
@@ -265,6 +307,9 @@ class RequestPlaneClient:
             if headers is None or "x-request-id" not in headers:
                 headers = {**(headers or {}), "x-request-id": ctx.id}
         envelope = fr.encode_request(endpoint, headers or {}, payload)
+        # Neither the payload nor the envelope stays alive for the stream's lifetime (they are
+        # a request's largest objects here): open_stream queues a copy of the envelope.
+        del payload, headers
         if len(envelope) > self.max_frame_bytes:
             raise DynamoError.invalid_argument(
                 f"request of {len(envelope)} bytes exceeds the frame limit of "
@@ -274,16 +319,29 @@ class RequestPlaneClient:
         if conn.closed:  # lost while we were being resumed: the request was never sent
             raise DynamoError(BackendError.CannotConnect, f"connection to {address} lost")
         sid, st = conn.open_stream(envelope)
+        del envelope
         on_stop: Callable[[Context], None] | None = None
         if ctx is not None:
-            on_stop = self._stop_callback(conn, sid, st, ctx)
+            on_stop = st.on_stop
             ctx.add_stop_callback(on_stop)
         loop = asyncio.get_running_loop()
-        items = st.items
         try:
             while True:
-                while items:
-                    yield items.popleft()
+                item = st.item
+                if item is not None:
+                    st.item = None
+                    yield item
+                    continue
+                more = st.more
+                if more is not None:
+                    # The whole batch; items arriving meanwhile go to ``item`` / a new batch.
+                    st.more = None
+                    for item in more:
+                        yield item
+                        if st.discarded:  # killed while the consumer held the batch
+                            break
+                    del more
+                    continue
                 terminal = st.terminal
                 if terminal is not None:
                     if isinstance(terminal, DynamoError):
@@ -301,33 +359,6 @@ class RequestPlaneClient:
                 # down gracefully and stop listening for it.
                 conn.write_frame(fr.STOP, sid)
                 conn.streams.pop(sid, None)
-
-    def _stop_callback(
-        self, conn: _Connection, sid: int, st: _Stream, ctx: Context
-    ) -> Callable[[Context], None]:
-        def kill() -> None:
-            if st.terminal is None:
-                conn.write_frame(fr.KILL, sid)
-                conn.streams.pop(sid, None)
-                st.fail(DynamoError(BackendError.Cancelled, "request killed"),
-                        discard_items=True)
-
-        async def watch_kill() -> None:
-            await ctx.killed()
-            kill()
-
-        def on_stop(_: Context) -> None:
-            if st.terminal is not None:
-                return
-            if ctx.is_killed():
-                kill()
-                return
-            conn.write_frame(fr.STOP, sid)
-            # A kill may still follow the stop; only this rare path pays for a watcher task,
-            # which the stream owns and cancels when it ends.
-            st.kill_watch = asyncio.get_running_loop().create_task(watch_kill())
-
-        return on_stop
 
     async def call(
         self,

@@ -259,8 +259,12 @@ class _Connection(asyncio.Protocol):
         exhausted = False
         write = self.write_frame
         limit = self._server.max_frame_bytes
+        endpoint = env.endpoint
         try:
             gen = handler(env.payload, st.ctx, env.headers)
+            # The envelope (the request's payload, its largest object here) is the handler's
+            # now: not kept by this frame for the whole stream.
+            del env
             async for item in gen:
                 if st.cancel_reason is not None:
                     break  # the handler swallowed our cancellation: stop forwarding anyway
@@ -288,7 +292,7 @@ class _Connection(asyncio.Protocol):
             write(fr.ERROR, sid, fr.encode_error(exc.to_wire()))
         except Exception as exc:
             st.finishing = True
-            log.exception("handler for endpoint %r failed (request %s)", env.endpoint, st.ctx.id)
+            log.exception("handler for endpoint %r failed (request %s)", endpoint, st.ctx.id)
             write(fr.ERROR, sid, fr.encode_error(DynamoError.from_exception(exc).to_wire()))
         finally:
             st.finishing = True
